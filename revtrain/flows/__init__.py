@@ -1,0 +1,1 @@
+"""revtrain.flows (being written)."""

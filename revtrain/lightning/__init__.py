@@ -1,0 +1,1 @@
+"""revtrain.lightning (being written)."""
