@@ -1,1 +1,46 @@
-"""revtrain.flows (being written)."""
+"""Flow layers: ActNorm, invertible 1x1 convolutions, masks, multi-scale split, dequantization.
+
+Every layer is a :class:`revtrain.InvertibleModule` with ``forward_and_log_det`` and
+``inverse``, so it runs inside :class:`revtrain.ReversibleSequential`, whose reversible mode
+back-propagates the log-det with the output and keeps no activations. Couplings are
+:class:`revtrain.AdditiveCoupling`, :class:`revtrain.AffineCoupling` and
+:class:`revtrain.Coupling` with the masks of :mod:`revtrain.flows.masks`.
+The models (``nice``, ``realnvp``, ``glow``) live in ``revtrain.models``.
+"""
+
+from .actnorm import ActNorm
+from .dequant import (
+    CenterShift,
+    LogitTransform,
+    UniformDequantization,
+    VariationalDequantization,
+    bits_per_dim,
+)
+from .distributions import StandardLogistic, StandardNormal, make_prior
+from .invconv import InvConv1x1, InvConv1x1LU
+from .masks import ChannelMask, CheckerboardMask, CheckerboardNet
+from .multiscale import GaussianSplit, split_sizes
+from .nets import MLP, ConvNet
+from .scaling import DiagonalScaling
+
+__all__ = [
+    "ActNorm",
+    "CenterShift",
+    "ChannelMask",
+    "CheckerboardMask",
+    "CheckerboardNet",
+    "ConvNet",
+    "DiagonalScaling",
+    "GaussianSplit",
+    "InvConv1x1",
+    "InvConv1x1LU",
+    "LogitTransform",
+    "MLP",
+    "StandardLogistic",
+    "StandardNormal",
+    "UniformDequantization",
+    "VariationalDequantization",
+    "bits_per_dim",
+    "make_prior",
+    "split_sizes",
+]

@@ -1,0 +1,336 @@
+r"""Flow generators: NICE, RealNVP and Glow, trained through the reversible engine.
+
+Every model is a :class:`revtrain.InvertibleModule` from data :math:`x` to a flat latent
+:math:`z` of shape ``(B, D)`` (all factored-out parts of a multi-scale model concatenated), with
+
+.. math::
+    \log p(x) = \log \mathcal{P}(z) + \log\left|\det \frac{\partial z}{\partial x}\right|
+
+for a fixed base density :math:`\mathcal P` (``model.prior``). ``log_prob(x)`` returns it per
+sample, ``sample(n, temperature)`` draws :math:`z` at a temperature and inverts.
+
+The layers of each level form one :class:`revtrain.ReversibleSequential`, so with
+``memory="reversible"`` (default) a level keeps only its output: activation memory does not
+grow with the number of steps ``K``. ``memory="stored"`` is the ordinary-autograd twin,
+``"checkpoint"`` per-layer checkpointing; same parameters and results in every mode, and the
+``memory`` attribute switches an existing model.
+
+Image models take data in :math:`[0, 1]` (dequantized, see :mod:`revtrain.flows.dequant`);
+RealNVP starts with the logit transform, Glow with :math:`x - \tfrac12`; both log-dets are part
+of ``log_prob``, so it is a density on :math:`[0, 1]^D`.
+
+References:
+    Dinh et al., "NICE", 2014. Dinh et al., "Density estimation using Real NVP", 2016.
+    Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from revtrain import Additive, Affine, AffineCoupling, Coupling, MemoryMode, ReversibleSequential
+from revtrain.base import InvertibleModule
+from revtrain.flows import (
+    MLP,
+    ActNorm,
+    CenterShift,
+    ChannelMask,
+    CheckerboardMask,
+    CheckerboardNet,
+    ConvNet,
+    DiagonalScaling,
+    GaussianSplit,
+    InvConv1x1,
+    InvConv1x1LU,
+    LogitTransform,
+    StandardNormal,
+    make_prior,
+    split_sizes,
+)
+from revtrain.layers import Squeeze
+
+from ._registry import register_model
+
+__all__ = ["FlowModel", "VectorFlow", "MultiScaleFlow", "glow_step", "glow_level",
+           "nice", "realnvp", "glow"]
+
+
+class FlowModel(InvertibleModule):
+    """Common part of the flow models: ``log_prob``, ``sample`` and the ``memory`` switch."""
+
+    prior: nn.Module
+    num_dims: int
+
+    @property
+    def memory(self) -> MemoryMode:
+        """The memory mode of the model's reversible stacks; assign to switch all of them."""
+        stacks = [m for m in self.modules() if isinstance(m, ReversibleSequential)]
+        return stacks[0].memory
+
+    @memory.setter
+    def memory(self, value: MemoryMode | str) -> None:
+        mode = MemoryMode.parse(value)
+        for m in self.modules():
+            if isinstance(m, ReversibleSequential):
+                m.memory = mode
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        r""":math:`\log p(x)` per sample, shape ``(batch,)``, in nats."""
+        z, log_det = self.forward_and_log_det(x)
+        return self.prior.log_prob(z) + log_det
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        """``n`` samples, drawing the latent at ``temperature`` (1: the model's density)."""
+        ref = next(self.parameters())
+        z = self.prior.sample((n, self.num_dims), temperature, device=ref.device, dtype=ref.dtype)
+        return self.inverse(z)
+
+
+class VectorFlow(FlowModel):
+    """A flow on vectors ``(B, D)``: one reversible stack of layers and a base density.
+
+    Args:
+        dim: ``D``.
+        layers: invertible layers mapping ``(B, D)`` to ``(B, D)``.
+        prior: the base density (``log_prob`` / ``sample``).
+        memory: memory mode of the stack.
+    """
+
+    def __init__(self, dim: int, layers: Sequence[nn.Module], prior: nn.Module,
+                 memory: MemoryMode | str = MemoryMode.REVERSIBLE):
+        super().__init__()
+        self.num_dims = dim
+        self.flow = ReversibleSequential(*layers, memory=memory)
+        self.prior = prior
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dim() != 2 or x.shape[1] != self.num_dims:
+            raise ValueError(f"{type(self).__name__}: expects vectors (B, {self.num_dims}), got "
+                             f"shape {tuple(x.shape)}")
+        return self.flow.forward_and_log_det(x)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return self.flow.inverse(z)
+
+
+class MultiScaleFlow(FlowModel):
+    """A multi-scale image flow: preprocessing, then levels with factoring-out between them.
+
+    Level ``l`` is a reversible stack whose output has ``C_l`` channels; its last
+    ``factored[l]`` channels are factored out (scored by the prior) and the rest go on to the
+    next level. The latent ``z`` is the concatenation of every factored-out part and the last
+    level's output, each flattened.
+
+    Args:
+        input_shape: ``(C, H, W)`` of one sample.
+        preprocess: an invertible layer applied first (logit or centring).
+        levels: one :class:`revtrain.ReversibleSequential` per level.
+        factored: channels factored out after each level (0 for the last).
+        output_shapes: ``(C_l, H_l, W_l)`` of each level's output.
+    """
+
+    def __init__(self, input_shape: Sequence[int], preprocess: InvertibleModule,
+                 levels: Sequence[ReversibleSequential], factored: Sequence[int],
+                 output_shapes: Sequence[Sequence[int]]):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.preprocess = preprocess
+        self.levels = nn.ModuleList(levels)
+        self.factored = list(factored)
+        self.output_shapes = [tuple(s) for s in output_shapes]
+        self.prior = StandardNormal()
+        self.num_dims = int(torch.tensor(self.input_shape).prod())
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if tuple(x.shape[1:]) != self.input_shape:
+            expected = ", ".join(map(str, self.input_shape))
+            raise ValueError(f"{type(self).__name__}: expects images (B, {expected}), got shape "
+                             f"{tuple(x.shape)}")
+        h, log_det = self.preprocess.forward_and_log_det(x)
+        zs = []
+        for level, out in zip(self.levels, self.factored):
+            h, ld = level.forward_and_log_det(h)  # (B, C_l, H_l, W_l)
+            log_det = log_det + ld
+            if out:
+                keep = h.shape[1] - out
+                zs.append(h[:, keep:].flatten(1))  # factored out: (B, out * H_l * W_l)
+                h = h[:, :keep]
+        zs.append(h.flatten(1))
+        return torch.cat(zs, dim=1), log_det  # (B, D)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        if z.dim() != 2 or z.shape[1] != self.num_dims:
+            raise ValueError(f"{type(self).__name__}.inverse: expects latents "
+                             f"(B, {self.num_dims}), got shape {tuple(z.shape)}")
+        sizes = []
+        for shape, out in zip(self.output_shapes, self.factored):
+            if out:
+                sizes.append(out * shape[1] * shape[2])
+        sizes.append(z.shape[1] - sum(sizes))
+        parts = list(torch.split(z, sizes, dim=1))
+        last = self.output_shapes[-1]
+        h = parts.pop().reshape(z.shape[0], *last)
+        for level, shape, out in zip(reversed(self.levels), reversed(self.output_shapes),
+                                     reversed(self.factored)):
+            if out:
+                factored = parts.pop().reshape(z.shape[0], out, shape[1], shape[2])
+                h = torch.cat([h, factored], dim=1)
+            h = level.inverse(h)
+        return self.preprocess.inverse(h)
+
+
+def _check_image(name: str, in_channels: int, image_size: int, levels: int) -> None:
+    if levels < 1:
+        raise ValueError(f"{name}: levels must be at least 1, got {levels}")
+    if image_size % (2 ** levels):
+        raise ValueError(
+            f"{name}: image_size={image_size} must be divisible by 2**levels = {2 ** levels} "
+            f"(each level halves the size and its couplings need an even width); use "
+            f"levels <= {max((image_size & -image_size).bit_length() - 1, 0)} or pad the images"
+        )
+    if in_channels < 1:
+        raise ValueError(f"{name}: in_channels must be positive, got {in_channels}")
+
+
+def glow_step(channels: int, hidden: int, clamp: float = 2.0, lu: bool = True) -> list[nn.Module]:
+    """One Glow step of flow: ActNorm, invertible 1x1 convolution, affine half coupling."""
+    kept, transformed = split_sizes(channels)
+    return [
+        ActNorm(channels),
+        InvConv1x1LU(channels) if lu else InvConv1x1(channels),
+        AffineCoupling(ConvNet(kept, 2 * transformed, hidden), None, split_dim=1, clamp=clamp),
+    ]
+
+
+def glow_level(in_channels: int, steps: int, hidden: int, squeeze: bool = True,
+               split: bool = False, clamp: float = 2.0, lu: bool = True,
+               memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> ReversibleSequential:
+    """One Glow level as a reversible stack: [squeeze], ``steps`` steps, [Gaussian split].
+
+    Args:
+        in_channels: channels of the level input (before the squeeze).
+        steps: ``K``.
+        hidden: width of the coupling networks.
+        squeeze: start with a 2x2 squeeze (``C -> 4C``).
+        split: end with a :class:`~revtrain.flows.GaussianSplit` (learned conditional prior
+            of the half that the model factors out).
+    """
+    c = 4 * in_channels if squeeze else in_channels
+    layers: list[nn.Module] = [Squeeze(2)] if squeeze else []
+    for _ in range(steps):
+        layers += glow_step(c, hidden, clamp, lu)
+    if split:
+        layers.append(GaussianSplit(c))
+    return ReversibleSequential(*layers, memory=memory)
+
+
+@register_model
+def glow(in_channels: int = 3, image_size: int = 32, levels: int = 3, steps: int = 32,
+         hidden: int = 512, clamp: float = 2.0, lu: bool = True, split_prior: bool = True,
+         memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> MultiScaleFlow:
+    """Glow (Kingma & Dhariwal 2018): ``levels`` levels of ``steps`` steps each.
+
+    Each level: squeeze, ``K`` x (ActNorm, LU 1x1 convolution, affine coupling), then (except
+    the last) a learned conditional Gaussian prior (``split_prior``; otherwise a standard
+    normal) and factoring-out of half the channels.
+    Data in ``[0, 1]``, shape ``(in_channels, image_size, image_size)``.
+    """
+    _check_image("glow", in_channels, image_size, levels)
+    stacks, factored, shapes = [], [], []
+    c, s = in_channels, image_size
+    for level in range(levels):
+        last = level == levels - 1
+        stacks.append(glow_level(c, steps, hidden, squeeze=True, split=split_prior and not last,
+                                 clamp=clamp, lu=lu, memory=memory))
+        c, s = 4 * c, s // 2
+        shapes.append((c, s, s))
+        out = 0 if last else split_sizes(c)[1]
+        factored.append(out)
+        c -= out
+    return MultiScaleFlow((in_channels, image_size, image_size), CenterShift(), stacks,
+                          factored, shapes)
+
+
+def _coupling(net: nn.Module, mask: ChannelMask | CheckerboardMask,
+              clamp: float | None = None) -> Coupling:
+    """A half coupling with ``mask``: affine with soft clamp ``clamp``, additive if ``None``."""
+    return Coupling(net, None, Additive() if clamp is None else Affine(clamp), split=mask)
+
+
+@register_model
+def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden: int = 64,
+            dim: int | None = None, num_layers: int = 8, depth: int = 2, clamp: float = 2.0,
+            alpha: float = 0.05, actnorm: bool = True, split_prior: bool = False,
+            memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> FlowModel:
+    """RealNVP (Dinh et al. 2016), for images (multi-scale) or, with ``dim``, for vectors.
+
+    Images: logit preprocessing, then per level 3 checkerboard affine couplings, a squeeze,
+    3 channel-wise couplings and factoring-out of half the channels; the last level has 4
+    checkerboard couplings. Vectors (``dim`` given): ``num_layers`` affine couplings with
+    alternating masks, MLP sub-networks of ``depth`` hidden layers. ``actnorm`` adds an ActNorm
+    after every coupling; ``split_prior`` a learned conditional prior at each split (Glow's).
+    """
+    if dim is not None:
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            mask = CheckerboardMask(i % 2)
+            n1 = len(range(mask.parity, dim, 2))
+            layers.append(_coupling(MLP(dim - n1, 2 * n1, hidden, depth), mask, clamp))
+            if actnorm:
+                layers.append(ActNorm(dim))
+        return VectorFlow(dim, layers, StandardNormal(), memory)
+
+    _check_image("realnvp", in_channels, image_size, levels)
+    stacks, factored, shapes = [], [], []
+    c, s = in_channels, image_size
+    for level in range(levels):
+        last = level == levels - 1
+        layers = []
+        for i in range(4 if last else 3):
+            mask = CheckerboardMask(i % 2)
+            layers.append(_coupling(CheckerboardNet(ConvNet(c + 1, 2 * c, hidden), mask), mask,
+                                    clamp))
+            if actnorm:
+                layers.append(ActNorm(c))
+        if not last:
+            layers.append(Squeeze(2))
+            c, s = 4 * c, s // 2
+            kept, transformed = split_sizes(c)
+            for i in range(3):
+                layers.append(_coupling(ConvNet(kept, 2 * transformed, hidden),
+                                        ChannelMask(flip=bool(i % 2)), clamp))
+                if actnorm:
+                    layers.append(ActNorm(c))
+            if split_prior:
+                layers.append(GaussianSplit(c))
+        stacks.append(ReversibleSequential(*layers, memory=memory))
+        shapes.append((c, s, s))
+        out = 0 if last else split_sizes(c)[1]
+        factored.append(out)
+        c -= out
+    return MultiScaleFlow((in_channels, image_size, image_size), LogitTransform(alpha), stacks,
+                          factored, shapes)
+
+
+@register_model
+def nice(dim: int = 784, num_layers: int = 4, hidden: int = 1000, depth: int = 5,
+         prior: str = "logistic", memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> VectorFlow:
+    """NICE (Dinh et al. 2014): additive couplings with alternating masks, diagonal scaling.
+
+    ``num_layers`` additive half couplings (even / odd entries alternating), MLP sub-networks
+    with ``depth`` hidden layers of width ``hidden``, a final :class:`DiagonalScaling`, and a
+    ``"logistic"`` (paper) or ``"normal"`` prior.
+    """
+    if dim < 2:
+        raise ValueError(f"nice: dim must be at least 2 to split, got {dim}")
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        mask = CheckerboardMask(i % 2)
+        n1 = len(range(mask.parity, dim, 2))
+        layers.append(_coupling(MLP(dim - n1, n1, hidden, depth), mask))
+    layers.append(DiagonalScaling(dim))
+    return VectorFlow(dim, layers, make_prior(prior), memory)
