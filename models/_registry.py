@@ -29,7 +29,7 @@ def _load_families() -> None:
         import_module(f"{__package__}.{family}")
 
 
-_FAMILIES: list[str] = ["flows"]
+_FAMILIES: list[str] = ["revnet", "irevnet", "flows"]
 
 
 def list_models(pattern: str = "*") -> list[str]:
