@@ -69,9 +69,10 @@ def is_invertible(
     """Check that ``module`` is invertible around ``example_input``, both directions.
 
     Runs ``inverse(forward(x))`` and ``forward(inverse(y'))`` in eval mode, where ``y'`` is
-    ``forward(x)`` moved by a small fixed perturbation, and compares with ``x`` and ``y'``. Default ``atol`` is ``1e-10`` for float64 inputs and ``1e-5`` otherwise.
-    For injective layers (``bijective = False``) only the first direction is checked.
-    Training mode and the caller's tensors are left as they were.
+    ``forward(x)`` moved by a small fixed perturbation, and compares with ``x`` and ``y'``.
+    Default ``atol`` is ``1e-10`` for float64 inputs and ``1e-5`` otherwise. For injective
+    layers (``bijective = False``) only the first direction is checked. Training mode and the
+    caller's tensors are left as they were.
 
     Returns:
         ``True`` when both round trips agree within tolerance, ``False`` otherwise,

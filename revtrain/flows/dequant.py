@@ -164,10 +164,11 @@ class LogitTransform(InvertibleModule):
         self.alpha = alpha
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+        lo, hi = (float(x.detach().min()), float(x.detach().max())) if x.numel() else (0, 0)
+        if lo < 0 or hi > 1:
             raise ValueError(
-                f"LogitTransform: expects data in [0, 1], got values in [{float(x.min()):g}, "
-                f"{float(x.max()):g}]; dequantize integer data first, e.g. "
+                f"LogitTransform: expects data in [0, 1], got values in [{lo:g}, {hi:g}]; "
+                "dequantize integer data first, e.g. "
                 "UniformDequantization(levels)(x)"
             )
         p = self.alpha + (1 - 2 * self.alpha) * x

@@ -1,0 +1,153 @@
+"""``Classifier``: a LightningModule for any classifier in the model registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from ._common import build_model, configure_optim
+
+__all__ = ["Classifier"]
+
+
+def _default_sgd(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+class Classifier(pl.LightningModule):
+    r"""Train a registered classifier with cross-entropy.
+
+    Minimises :math:`\mathcal{L} = -\frac{1}{B}\sum_i \log \mathrm{softmax}(f(x_i))_{y_i}`
+    and reports top-1 / top-5 accuracy (torchmetrics) for train, validation and test.
+
+    Args:
+        model_name: a name from ``revtrain.models.list_models()`` (e.g. ``"revnet38"``).
+        num_classes: number of labels; must match the DataModule.
+        in_channels: image channels; must match the DataModule.
+        memory: ``"reversible"``, ``"checkpoint"`` or ``"stored"`` for every reversible stack
+            of the model. ``--model.memory stored`` gives the stored-activation twin of a run.
+        model_kwargs: further keyword arguments of the model constructor.
+        optimizer: optimizer factory (``class_path`` / ``init_args`` in YAML); default SGD
+            with lr 0.1, momentum 0.9, weight decay 1e-4.
+        lr_scheduler: scheduler factory, or ``None`` for a constant learning rate.
+        scheduler_interval: step the scheduler every ``"step"`` or every ``"epoch"``.
+        label_smoothing: passed to :func:`torch.nn.functional.cross_entropy`.
+        check_input: before training, run the model once on a zero batch of the
+            DataModule's ``input_shape`` and fail with a clear message if it cannot take it.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "revnet_digits",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        memory: Literal["reversible", "checkpoint", "stored"] = "reversible",
+        model_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "epoch",
+        label_smoothing: float = 0.0,
+        check_input: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        kwargs = {"num_classes": num_classes, "in_channels": in_channels, **(model_kwargs or {})}
+        self.net = build_model(model_name, memory, kwargs)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        ks = {"top1": 1, "top5": 5} if num_classes > 5 else {"top1": 1}
+        metrics = MetricCollection(
+            {name: MulticlassAccuracy(num_classes, top_k=k, average="micro")
+             for name, k in ks.items()}
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.net(x)
+        return out[0] if isinstance(out, (tuple, list)) else out  # i-RevNet: (logits, z)
+
+    def _step(self, batch: Any, split: str) -> Tensor:
+        x, y = batch
+        logits = self(x)  # (B, num_classes)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        metrics = getattr(self, f"{split}_metrics")
+        metrics.update(logits.detach(), y)
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
+                 sync_dist=not on_step, batch_size=len(y))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split != "train",
+                      batch_size=len(y))
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self(x).softmax(dim=-1)
+        return {"probs": probs, "pred": probs.argmax(dim=-1)}
+
+    def configure_optimizers(self) -> Any:
+        return configure_optim(self, self.parameters(), self.optimizer_factory,
+                               self.scheduler_factory, self.hparams.scheduler_interval,
+                               _default_sgd)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if self.hparams.check_input and datamodule is not None:
+            self.check_data(datamodule)
+
+    @torch.no_grad()
+    def check_data(self, datamodule: Any) -> None:
+        """Fail early when ``datamodule``'s images or labels do not fit the model.
+
+        Checks channels and number of classes against the DataModule's ``input_shape`` and
+        ``num_classes`` and runs the model once, in eval mode, on a zero batch of that shape.
+
+        Raises:
+            ValueError: naming the model, the DataModule and what to change.
+        """
+        shape = getattr(datamodule, "input_shape", None)
+        classes = getattr(datamodule, "num_classes", None)
+        name, data = self.hparams.model_name, type(datamodule).__name__
+        if classes is not None and classes != self.hparams.num_classes:
+            raise ValueError(f"{data} has {classes} classes but the model was built with "
+                             f"num_classes={self.hparams.num_classes}; set --model.num_classes "
+                             f"{classes}")
+        if shape is None:
+            return
+        if shape[0] != self.hparams.in_channels:
+            raise ValueError(f"{data} gives {shape[0]}-channel images but the model was built "
+                             f"with in_channels={self.hparams.in_channels}; set "
+                             f"--model.in_channels {shape[0]}")
+        was_training = self.training
+        self.eval()
+        try:
+            param = next(self.parameters(), None)
+            x = torch.zeros(2, *shape, device=param.device if param is not None else "cpu")
+            out = self(x)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"model {name!r} cannot take the {tuple(shape)} images of {data}: "
+                             f"{err}. Choose a model (or model_kwargs) made for this image size, "
+                             "or change the data's image size") from err
+        finally:
+            self.train(was_training)
+        if out.shape[-1] != self.hparams.num_classes:
+            raise ValueError(f"model {name!r} outputs {out.shape[-1]} scores per image, "
+                             f"expected num_classes={self.hparams.num_classes}")

@@ -1,0 +1,356 @@
+"""Lightning DataModules: scikit-learn digits (built in), CIFAR-10/100 and ImageNet.
+
+Every DataModule exposes what a model must accept, before any batch is drawn:
+
+* ``input_shape``: ``(C, H, W)`` of one image as the model receives it;
+* ``num_classes``: number of labels.
+
+Images come as float tensors. With ``normalize=True`` (classifiers) they are standardised
+per channel; with ``normalize=False`` (flows) they stay in ``[0, 1]`` on a grid of
+``num_bins`` levels (``x = k / (num_bins - 1)``) so that a flow can dequantize them.
+
+Downloads happen only in ``prepare_data`` and only when ``download=True``; a missing data
+directory raises :class:`FileNotFoundError` that says where the files were looked for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "DigitsDataModule",
+    "ImageNetDataModule",
+]
+
+
+class _ImageDataModule(pl.LightningDataModule):
+    """Loaders shared by the DataModules below; subclasses fill ``self.train_set`` etc."""
+
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    num_bins: int = 256
+
+    def __init__(self, batch_size: int, num_workers: int, eval_batch_size: int | None = None):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a loader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+
+class DigitsDataModule(_ImageDataModule):
+    """The 1,797 8x8 handwritten digits shipped with scikit-learn (no download).
+
+    The split is deterministic: ``test_fraction`` of the images (stratified by label, with
+    ``seed``) form the test split, ``val_fraction`` of the rest the validation split.
+    Pixel values are 0..16 (17 levels).
+
+    Args:
+        batch_size: training batch size.
+        val_fraction: share of the non-test images held out for validation.
+        test_fraction: share of all images held out for testing.
+        seed: seed of the split (the split does not touch the global RNG).
+        normalize: standardise with the training split's mean and std; ``False`` keeps
+            ``x = v / 16`` in ``[0, 1]`` (for flows).
+        augment: random shifts of up to one pixel in training.
+        num_workers: DataLoader workers (the whole set is a few hundred KiB: 0 is fastest).
+        eval_batch_size: batch size of validation / test (default: ``batch_size``).
+    """
+
+    num_classes = 10
+    input_shape = (1, 8, 8)
+    num_bins = 17
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        normalize: bool = True,
+        augment: bool = False,
+        num_workers: int = 0,
+        eval_batch_size: int | None = 256,
+    ):
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"DigitsDataModule: {name} must lie in (0, 1), got {value}")
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.normalize = normalize
+        self.augment = augment
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+        y = torch.tensor(digits.target, dtype=torch.long)
+        index = torch.arange(len(y)).numpy()
+        rest, test = train_test_split(index, test_size=self.test_fraction,
+                                      random_state=self.seed, stratify=y.numpy())
+        train, val = train_test_split(rest, test_size=self.val_fraction,
+                                      random_state=self.seed, stratify=y.numpy()[rest])
+        if self.normalize:
+            mean, std = x[train].mean(), x[train].std()
+            x = (x - mean) / std
+        self.train_set = _ShiftAugment(TensorDataset(x[train], y[train])) if self.augment \
+            else TensorDataset(x[train], y[train])
+        self.val_set = TensorDataset(x[val], y[val])
+        self.test_set = TensorDataset(x[test], y[test])
+
+
+class _ShiftAugment(Dataset):
+    """Shift an image by -1, 0 or +1 pixel in each direction (zero fill after ``roll``)."""
+
+    def __init__(self, base: TensorDataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        dy, dx = torch.randint(-1, 2, (2,)).tolist()
+        x = torch.roll(x, shifts=(dy, dx), dims=(1, 2))
+        if dy:
+            x[:, 0 if dy > 0 else -1, :] = x.min()
+        if dx:
+            x[:, :, 0 if dx > 0 else -1] = x.min()
+        return x, y
+
+
+_CIFAR_STATS = {
+    10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+class _CIFARDataModule(_ImageDataModule):
+    """CIFAR through torchvision; see :class:`CIFAR10DataModule`."""
+
+    input_shape = (3, 32, 32)
+    folder: str
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        val_size: int = 0,
+        augment: bool = True,
+        normalize: bool = True,
+        seed: int = 0,
+        num_workers: int = 4,
+        eval_batch_size: int | None = None,
+    ):
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {val_size}")
+        self.root = os.path.expanduser(root)
+        self.download = download
+        self.val_size = val_size
+        self.augment = augment
+        self.normalize = normalize
+        self.seed = seed
+
+    def _dataset_class(self):
+        from torchvision import datasets
+
+        return datasets.CIFAR10 if self.num_classes == 10 else datasets.CIFAR100
+
+    def prepare_data(self) -> None:
+        if self.download:
+            cls = self._dataset_class()
+            cls(self.root, train=True, download=True)
+            cls(self.root, train=False, download=True)
+
+    def _transforms(self, train: bool):
+        from torchvision import transforms as T
+
+        steps = []
+        if train and self.augment:
+            steps += [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+        steps.append(T.ToTensor())
+        if self.normalize:
+            steps.append(T.Normalize(*_CIFAR_STATS[self.num_classes]))
+        return T.Compose(steps)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        folder = Path(self.root) / self.folder
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"{type(self).__name__}: no CIFAR-{self.num_classes} data at {folder}; point "
+                f"--data.root at the folder that contains {self.folder}/ (the python version "
+                "from https://www.cs.toronto.edu/~kriz/cifar.html), or pass --data.download true"
+            )
+        cls = self._dataset_class()
+        train = cls(self.root, train=True, transform=self._transforms(train=True))
+        test = cls(self.root, train=False, transform=self._transforms(train=False))
+        if self.val_size:
+            if self.val_size >= len(train):
+                raise ValueError(f"val_size={self.val_size} leaves no training images "
+                                 f"(the training split has {len(train)})")
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))
+            val_index, train_index = order[: self.val_size], order[self.val_size:]
+            plain = cls(self.root, train=True, transform=self._transforms(train=False))
+            self.train_set = Subset(train, train_index.tolist())
+            self.val_set = Subset(plain, val_index.tolist())
+        else:  # the papers report the test split; validate on it
+            self.train_set, self.val_set = train, test
+        self.test_set = test
+
+
+class CIFAR10DataModule(_CIFARDataModule):
+    """CIFAR-10 through :class:`torchvision.datasets.CIFAR10` (pickled batches on disk).
+
+    Standard augmentation in training: 4-pixel zero padding with a random 32x32 crop and a
+    random horizontal flip. With ``val_size=0`` (default) validation runs on the test split,
+    as the RevNet and i-RevNet papers report it; ``val_size=N`` holds out N training images
+    (chosen with ``seed``) instead.
+
+    Args:
+        root: folder that holds ``cifar-10-batches-py/``.
+        download: download into ``root`` in ``prepare_data`` when missing (off by default).
+        batch_size: training batch size.
+        val_size: number of training images held out for validation (0: use the test split).
+        augment: random crop and flip in training.
+        normalize: standardise per channel; ``False`` keeps ``[0, 1]`` (for flows).
+        seed: seed of the validation hold-out.
+        num_workers: DataLoader workers.
+        eval_batch_size: batch size of validation / test (default: ``batch_size``).
+    """
+
+    num_classes = 10
+    folder = "cifar-10-batches-py"
+
+
+class CIFAR100DataModule(_CIFARDataModule):
+    """CIFAR-100 (fine labels); arguments as :class:`CIFAR10DataModule`, ``root`` holds
+    ``cifar-100-python/``."""
+
+    num_classes = 100
+    folder = "cifar-100-python"
+
+
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class ImageNetDataModule(_ImageDataModule):
+    """ImageNet (or any image-classification set) from an ``ImageFolder`` layout.
+
+    ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG`` (validation images moved
+    into class folders, e.g. with the usual ``valprep.sh``). Training: random resized crop to
+    ``image_size`` and horizontal flip; evaluation: resize to ``resize_size``, centre crop.
+    The test split is the validation split.
+
+    Args:
+        root: folder with ``train/`` and ``val/``.
+        image_size: side of the square crops the model receives.
+        resize_size: shorter side before the evaluation centre crop (default
+            ``image_size * 8 // 7``, i.e. 256 for 224).
+        num_classes: expected number of class folders (checked in ``setup``).
+        batch_size: training batch size.
+        normalize: standardise with the ImageNet mean / std.
+        num_workers: DataLoader workers.
+        eval_batch_size: batch size of validation / test (default: ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/imagenet",
+        image_size: int = 224,
+        resize_size: int | None = None,
+        num_classes: int = 1000,
+        batch_size: int = 256,
+        normalize: bool = True,
+        num_workers: int = 8,
+        eval_batch_size: int | None = None,
+    ):
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        self.root = os.path.expanduser(root)
+        self.image_size = image_size
+        self.resize_size = resize_size or image_size * 8 // 7
+        self.num_classes = num_classes
+        self.input_shape = (3, image_size, image_size)
+        self.normalize = normalize
+
+    def _transforms(self, train: bool):
+        from torchvision import transforms as T
+
+        if train:
+            steps = [T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip()]
+        else:
+            steps = [T.Resize(self.resize_size), T.CenterCrop(self.image_size)]
+        steps.append(T.ToTensor())
+        if self.normalize:
+            steps.append(T.Normalize(*_IMAGENET_STATS))
+        return T.Compose(steps)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from torchvision.datasets import ImageFolder
+
+        root = Path(self.root)
+        missing = [str(root / s) for s in ("train", "val") if not (root / s).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"ImageNetDataModule: missing {', '.join(missing)}; --data.root must hold "
+                "train/<class>/*.JPEG and val/<class>/*.JPEG (ImageFolder layout)"
+            )
+        train = ImageFolder(str(root / "train"), transform=self._transforms(train=True))
+        val = ImageFolder(str(root / "val"), transform=self._transforms(train=False))
+        if train.classes != val.classes:
+            raise ValueError(f"ImageNetDataModule: train/ has {len(train.classes)} class folders, "
+                             f"val/ has {len(val.classes)}; they must be the same classes")
+        if len(train.classes) != self.num_classes:
+            raise ValueError(
+                f"ImageNetDataModule: found {len(train.classes)} class folders in {root / 'train'}"
+                f" but num_classes={self.num_classes}; set --data.num_classes (and the model's)"
+                f" to {len(train.classes)}"
+            )
+        self.train_set, self.val_set, self.test_set = train, val, val
