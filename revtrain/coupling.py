@@ -219,39 +219,37 @@ class Coupling(InvertibleModule):
         Each sub-network is evaluated once, with grad; that evaluation yields both the rebuilt
         half and the vector-Jacobian product. Returns ``(x, dx, grads of params)``.
         """
-        dim = self.splitter.dim
         y1, y2 = self.splitter.split(y.detach())
         dy1, dy2 = self.splitter.split(dy)
         grads: list[Tensor | None] = [None] * len(params)
-
         if self.g is None:
             x2, dx2 = y2, dy2
         else:
             # 1. g(y1) once: rebuild x2, push dy2 (and dlog_det) into dy1 and g's parameters.
-            y1_ = y1.detach().requires_grad_(True)
-            with torch.enable_grad(), rng.replay("g"):
-                h2 = self._params(self.g, "g", y1_, y2)
-            with torch.no_grad():
-                x2 = self.transform.inverse(y2, h2.detach(), dim)
-            x2_ = x2.requires_grad_(True)
-            with torch.enable_grad():
-                y2_re, ld2 = self.transform.forward(x2_, h2, dim)
-            dx2, dy1_g = _vjp(y2_re, dy2, ld2, dlog_det, [x2_, y1_], params, grads)
-            x2 = x2_.detach()
+            x2, dx2, dy1_g = self._half_backward("g", y1, y2, dy2, dlog_det, params, grads, rng)
             dy1 = dy1 + dy1_g
-
         # 2. f(x2) once: rebuild x1, push dy1 (and dlog_det) into dx2 and f's parameters.
-        x2_ = x2.detach().requires_grad_(True)
-        with torch.enable_grad(), rng.replay("f"):
-            h1 = self._params(self.f, "f", x2_, y1)
+        x1, dx1, dx2_f = self._half_backward("f", x2, y1, dy1, dlog_det, params, grads, rng)
+        return self.splitter.merge(x1, x2), self.splitter.merge(dx1, dx2 + dx2_f), grads
+
+    def _half_backward(self, name, cond, y_half, dy_half, dlog_det, params, grads, rng):
+        """One sub-network evaluated once: rebuild the half it transformed and back-propagate.
+
+        ``cond`` is the sub-network's input (``x2`` for ``f``, ``y1`` for ``g``), ``y_half`` the
+        half it transformed. Returns ``(x_half, d x_half, d cond)``; parameter gradients are
+        added to ``grads``.
+        """
+        dim = self.splitter.dim
+        cond_ = cond.detach().requires_grad_(True)
+        with torch.enable_grad(), rng.replay(name):
+            h = self._params(self.f if name == "f" else self.g, name, cond_, y_half)
         with torch.no_grad():
-            x1 = self.transform.inverse(y1, h1.detach(), dim)
-        x1_ = x1.requires_grad_(True)
+            x_half = self.transform.inverse(y_half, h.detach(), dim)
+        x_half_ = x_half.requires_grad_(True)
         with torch.enable_grad():
-            y1_re, ld1 = self.transform.forward(x1_, h1, dim)
-        dx1, dx2_f = _vjp(y1_re, dy1, ld1, dlog_det, [x1_, x2_], params, grads)
-        x = self.splitter.merge(x1_.detach(), x2)
-        return x, self.splitter.merge(dx1, dx2 + dx2_f), grads
+            y_re, log_det = self.transform.forward(x_half_, h, dim)
+        dx_half, dcond = _vjp(y_re, dy_half, log_det, dlog_det, [x_half_, cond_], params, grads)
+        return x_half_.detach(), dx_half, dcond
 
     def extra_repr(self) -> str:
         return f"transform={self.transform!r}, split={self.splitter!r}"
