@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_only
@@ -27,7 +28,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from .lightning.callbacks import RNGStateCallback
 from .lightning.report import RunReport, memory_table
 
-__all__ = ["RevtrainCLI", "main"]
+__all__ = ["RevtrainCLI", "cli", "main"]
 
 
 def _default_loggers() -> list[dict[str, Any]]:
@@ -52,12 +53,25 @@ class RevtrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RNGStateCallback, "rng_state")
         parser.add_class_arguments(RunReport, "report")
+        parser.add_argument(
+            "--threads", type=int | None, default=None,
+            help="torch intra-op CPU threads (torch.set_num_threads); 1 is fastest for small "
+                 "models on a shared or small CPU. Default: torch's choice",
+        )
         parser.set_defaults({
             "model": {"class_path": "revtrain.lightning.Classifier",
                       "init_args": {"model_name": "revnet_digits", "num_classes": 10,
                                     "in_channels": 1}},
             "data": {"class_path": "revtrain.lightning.DigitsDataModule"},
         })
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        threads = config.get("threads")
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"--threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
 
     def after_fit(self) -> None:
         report: RunReport = self.config_init[self.subcommand]["report"]
@@ -79,8 +93,8 @@ class RevtrainCLI(LightningCLI):
         print("\n" + text + "\n", flush=True)
 
 
-def main(args: list[str] | None = None) -> RevtrainCLI:
-    """Entry point of the ``revtrain`` console script."""
+def cli(args: list[str] | None = None, run: bool = True) -> RevtrainCLI:
+    """Build (and with ``run=True`` run) the CLI on ``args`` (default: ``sys.argv[1:]``)."""
     return RevtrainCLI(
         LightningModule,
         LightningDataModule,
@@ -89,7 +103,13 @@ def main(args: list[str] | None = None) -> RevtrainCLI:
         trainer_defaults={"logger": _default_loggers()},
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``revtrain`` console script."""
+    cli(args)
 
 
 if __name__ == "__main__":
