@@ -357,16 +357,20 @@ def test_revnet_digits_reaches_97_percent():
                                                         stratify=y)
     torch.manual_seed(0)
     model = models.create("revnet_digits")
+    epochs, batch = 16, 64
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(12):
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=5e-3, total_steps=epochs * -(-len(x_train) // batch))
+    for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(x_train))
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
+        for i in range(0, len(perm), batch):
+            idx = perm[i:i + batch]
             loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            schedule.step()
     model.eval()
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
