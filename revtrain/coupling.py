@@ -105,18 +105,20 @@ class Affine:
             raise ValueError(f"Affine: clamp must be positive or None, got {clamp}")
         self.clamp = clamp
 
-    def _scale_shift(self, h: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-        s, t = h.chunk(2, dim=dim)
+    def _scale_shift(self, h: Tensor, dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # in the residual stream's dtype: exp(s) and exp(-s) must be exact inverses even when the
+        # sub-network ran in bf16 / fp16 under autocast
+        s, t = h.to(dtype).chunk(2, dim=dim)
         if self.clamp is not None:
             s = self.clamp * torch.tanh(s / self.clamp)
         return s, t
 
     def forward(self, x: Tensor, h: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-        s, t = self._scale_shift(h, dim)
+        s, t = self._scale_shift(h, dim, x.dtype)
         return x * torch.exp(s) + t, s.flatten(1).sum(1)
 
     def inverse(self, y: Tensor, h: Tensor, dim: int) -> Tensor:
-        s, t = self._scale_shift(h, dim)
+        s, t = self._scale_shift(h, dim, y.dtype)
         return (y - t) * torch.exp(-s)
 
     def __repr__(self) -> str:

@@ -195,6 +195,29 @@ def test_round_trips(kind):
                 assert revtrain.is_invertible(layer, x, atol=tol)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_reconstruction_error_bounded_in_depth(bf16):
+    # the check compares every rebuilt input with its forward value and raises past 1e-4
+    torch.manual_seed(0)
+    for depth in (8, 32):
+        model = stack(depth, "affine", c=8)
+        model.check_reconstruction = 1e-4
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(torch.randn(2, 8, 6, 6, requires_grad=True)).square().mean().backward()
+    # a transform whose inverse is off by 1e-3 must fail the same bound
+    broken = stack(8, "affine", c=8)
+    broken.check_reconstruction = 1e-4
+    broken[3].transform = _SloppyAffine()
+    y = broken(torch.randn(2, 8, 6, 6, requires_grad=True))
+    with pytest.raises(ReconstructionError, match=r"layer 3 \(AffineCoupling\)"):
+        y.square().mean().backward()
+
+
+class _SloppyAffine(revtrain.Affine):
+    def inverse(self, y, h, dim):
+        return super().inverse(y, h, dim) + 1e-3
+
+
 def test_gradient_cosine_at_init_fp32():
     torch.manual_seed(0)
     model = stack(32, "affine", c=8)
