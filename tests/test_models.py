@@ -145,12 +145,13 @@ def test_contract(name):
     assert fresh.memory is revtrain.MemoryMode.STORED
 
 
+@pytest.mark.parametrize("memory", ["reversible", "checkpoint"])
 @pytest.mark.parametrize("name", REVERSIBLE_SMALL)
-def test_gradients_equal_stored_twin_fp64(name):
+def test_gradients_equal_stored_twin_fp64(name, memory):
     torch.manual_seed(0)
-    model = models.create(name).double()
+    model = models.create(name, memory=memory).double()
     twin = copy.deepcopy(model).set_memory("stored")
-    assert model.memory is revtrain.MemoryMode.REVERSIBLE
+    assert model.memory is revtrain.MemoryMode(memory)
     assert twin.memory is revtrain.MemoryMode.STORED
     x = example(name, model)
     assert_grads_equal(grads_of(model, x), grads_of(twin, x))
