@@ -116,6 +116,17 @@ def test_unknown_memory_mode_is_rejected():
         models.create("resnet32").set_memory("checkpoint")
 
 
+def test_set_memory_switches_every_stack():
+    model = models.create("revnet_digits")
+    stacks = [m for m in model.modules() if isinstance(m, revtrain.ReversibleSequential)]
+    assert len(stacks) == 2
+    assert model.set_memory("checkpoint") is model
+    assert {s.memory for s in stacks} == {revtrain.MemoryMode.CHECKPOINT}
+    stacks[0].memory = revtrain.MemoryMode.STORED  # mixed by hand: reported, not guessed
+    with pytest.raises(RuntimeError, match="mixed memory modes"):
+        _ = model.memory
+
+
 # --- contract over the small models -------------------------------------------------------
 
 @pytest.mark.parametrize("name", SMALL)
