@@ -8,12 +8,12 @@ Examples::
     revtrain test --config configs/digits_revnet.yaml --ckpt_path runs/.../last.ckpt
     revtrain fit --config configs/cifar10_revnet38.yaml --print_config
 
-``--model`` takes :class:`~revtrain.lightning.Classifier` (default) or
-:class:`~revtrain.lightning.FlowModule`; ``--data`` any LightningDataModule, default
-:class:`~revtrain.lightning.DigitsDataModule`. The RNG-state callback is always on (key
-``rng_state``), so that a run resumed with ``--ckpt_path`` continues exactly. The ``report``
-key (``--report.test_after_fit``, ``--report.memory_table``) adds a test run and a memory
-table at the end of ``fit``.
+``--model`` takes :class:`~revtrain.lightning.Classifier` or
+:class:`~revtrain.lightning.FlowModule` (any LightningModule); ``--data`` any LightningDataModule
+(:class:`~revtrain.lightning.DigitsDataModule` needs no download). A config file names both.
+The RNG-state callback is always on (key ``rng_state``), so that a run resumed with
+``--ckpt_path`` continues exactly. The ``report`` key (``--report.test_after_fit``,
+``--report.memory_table``) adds a test run and a memory table at the end of ``fit``.
 """
 
 from __future__ import annotations
@@ -58,12 +58,6 @@ class RevtrainCLI(LightningCLI):
             help="torch intra-op CPU threads (torch.set_num_threads); 1 is fastest for small "
                  "models on a shared or small CPU. Default: torch's choice",
         )
-        parser.set_defaults({
-            "model": {"class_path": "revtrain.lightning.Classifier",
-                      "init_args": {"model_name": "revnet_digits", "num_classes": 10,
-                                    "in_channels": 1}},
-            "data": {"class_path": "revtrain.lightning.DigitsDataModule"},
-        })
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -88,7 +82,7 @@ class RevtrainCLI(LightningCLI):
         if net is None:
             print("memory table: the model has no .net or .flow to measure")
             return
-        loss = "cross_entropy" if hasattr(self.model, "net") else "default"
+        loss = "cross_entropy" if hasattr(self.model, "net") else "nll"
         text, _ = memory_table(net, self.datamodule, report.batch_size, loss=loss)
         print("\n" + text + "\n", flush=True)
 
@@ -102,6 +96,7 @@ def cli(args: list[str] | None = None, run: bool = True) -> RevtrainCLI:
         subclass_mode_data=True,
         trainer_defaults={"logger": _default_loggers()},
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the modules take optimizer / lr_scheduler themselves
         args=args,
         run=run,
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -179,7 +180,7 @@ class _CIFARDataModule(_ImageDataModule):
         download: bool = False,
         batch_size: int = 128,
         val_size: int = 0,
-        augment: bool = True,
+        augment: Literal["crop_flip", "flip", "none"] = "crop_flip",
         normalize: bool = True,
         seed: int = 0,
         num_workers: int = 4,
@@ -210,8 +211,12 @@ class _CIFARDataModule(_ImageDataModule):
         from torchvision import transforms as T
 
         steps = []
-        if train and self.augment:
+        if train and self.augment == "crop_flip":
             steps += [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+        elif train and self.augment == "flip":
+            steps.append(T.RandomHorizontalFlip())
+        elif self.augment not in ("crop_flip", "flip", "none"):
+            raise ValueError(f"augment must be 'crop_flip', 'flip' or 'none', got {self.augment!r}")
         steps.append(T.ToTensor())
         if self.normalize:
             steps.append(T.Normalize(*_CIFAR_STATS[self.num_classes]))
@@ -257,7 +262,8 @@ class CIFAR10DataModule(_CIFARDataModule):
         download: download into ``root`` in ``prepare_data`` when missing (off by default).
         batch_size: training batch size.
         val_size: number of training images held out for validation (0: use the test split).
-        augment: random crop and flip in training.
+        augment: ``"crop_flip"`` (random crop and flip), ``"flip"`` (flows: no zero
+            borders) or ``"none"``.
         normalize: standardise per channel; ``False`` keeps ``[0, 1]`` (for flows).
         seed: seed of the validation hold-out.
         num_workers: DataLoader workers.

@@ -41,13 +41,32 @@ def _first_batch(datamodule: Any, batch_size: int | None) -> tuple[Tensor, Tenso
     return x, y
 
 
+class _LogProb(nn.Module):
+    """``forward(x) = flow.log_prob(x)``, so that a flow's NLL step can be measured."""
+
+    def __init__(self, flow: nn.Module):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.flow.log_prob(x.flatten(1) if _is_vector_flow(self.flow) else x)
+
+
+def _is_vector_flow(flow: nn.Module) -> bool:
+    from ..models.flows import VectorFlow
+
+    return isinstance(flow, VectorFlow)
+
+
 def memory_table(net: nn.Module, datamodule: Any, batch_size: int | None = None,
                  loss: str = "cross_entropy") -> tuple[str, list[dict[str, Any]]]:
     """Measure ``net`` and its stored twin on one training batch; return (Markdown, rows).
 
     Both are measured in training mode with :func:`revtrain.memory.measure_step` on the same
-    batch: ``peak`` is the peak during forward + backward minus what was held before (it
-    includes the parameter gradients), ``held`` what is kept between forward and backward.
+    batch (``loss``: ``"cross_entropy"`` for classifiers, ``"nll"`` for flows, where the batch
+    in ``[0, 1]`` is scored as it is): ``peak`` is the peak during forward + backward minus
+    what was held before (it includes the parameter gradients), ``held`` what is kept between
+    forward and backward.
     """
     from ..memory import format_bytes, measure_step
 
@@ -55,12 +74,16 @@ def memory_table(net: nn.Module, datamodule: Any, batch_size: int | None = None,
     device = next(net.parameters()).device
     x = x.to(device)
 
+    wrap = _LogProb if loss == "nll" else (lambda m: m)
     if loss == "cross_entropy" and y is not None:
         y = y.to(device)
 
         def loss_fn(out: Any) -> Tensor:
             out = out[0] if isinstance(out, (tuple, list)) else out
             return F.cross_entropy(out, y)
+    elif loss == "nll":
+        def loss_fn(log_p: Tensor) -> Tensor:
+            return -log_p.mean()
     else:
         loss_fn = None
 
@@ -70,7 +93,7 @@ def memory_table(net: nn.Module, datamodule: Any, batch_size: int | None = None,
         for mode, model in (("as trained", net), ("stored twin", stored_twin(net))):
             model.train()
             memory = {s.memory.value for s in reversible_stacks(model)} or {"(no stacks)"}
-            report = measure_step(model, x, loss_fn=loss_fn)
+            report = measure_step(wrap(model), x, loss_fn=loss_fn)
             rows.append({"model": mode, "memory": "/".join(sorted(memory)), **report})
     finally:
         net.train(was_training)
