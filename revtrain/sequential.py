@@ -84,10 +84,19 @@ class ReversibleSequential(InvertibleModule):
                     "in a coupling (e.g. AdditiveCoupling(f=layer, ...)) or put it outside the stack"
                 )
         self.layers = nn.ModuleList(layers)
-        self.memory = MemoryMode.parse(memory)
+        self.memory = memory
         self.preserve_rng_state = bool(preserve_rng_state)
         self.check_finite = bool(check_finite)
         self.check_reconstruction = check_reconstruction
+
+    @property
+    def memory(self) -> MemoryMode:
+        """The memory mode; may be set to a :class:`MemoryMode` or its string value."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, value: MemoryMode | str) -> None:
+        self._memory = MemoryMode.parse(value)
 
     @property
     def check_reconstruction(self) -> float | None:

@@ -601,6 +601,11 @@ def test_bad_construction_and_shapes():
         revtrain.AdditiveCoupling(net, net)
     with pytest.raises(ValueError, match="is not a memory mode"):
         ReversibleSequential(memory="fast")
+    model = ReversibleSequential(memory="stored")
+    model.memory = "reversible"  # strings are parsed when set, too
+    assert model.memory is revtrain.MemoryMode.REVERSIBLE
+    with pytest.raises(ValueError, match="is not a memory mode"):
+        model.memory = "fast"
     with pytest.raises(ValueError, match="scale and shift"):
         revtrain.AffineCoupling(conv_net(2, 2))(torch.randn(1, 4, 3, 3))
 
