@@ -58,7 +58,8 @@ class Classifier(pl.LightningModule):
         check_input: bool = True,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # the factories stay out: a checkpoint must load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         kwargs = {"num_classes": num_classes, "in_channels": in_channels, **(model_kwargs or {})}
         self.net = build_model(model_name, memory, kwargs)
         self.optimizer_factory = optimizer

@@ -73,7 +73,8 @@ class FlowModule(pl.LightningModule):
         check_input: bool = True,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # the factories stay out: a checkpoint must load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         kwargs = dict(model_kwargs or {})
         kwargs.setdefault("memory", memory)
         self.flow = build_model(model_name, memory, kwargs)

@@ -1,0 +1,345 @@
+"""Lightning modules and callbacks: training, early errors, monitors, resume parity (TESTPLAN
+39), exception checkpoint (40) and DDP gradients (37/38)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from functools import partial
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+from revtrain import ReconstructionError
+from revtrain.lightning import (
+    Classifier,
+    DigitsDataModule,
+    FlowModule,
+    ImageNetDataModule,
+    PeakMemoryMonitor,
+    ReconstructionMonitor,
+    RNGStateCallback,
+)
+from revtrain.lightning._common import reversible_stacks
+
+SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is fastest, and on a shared 2-core machine
+    more threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trainer(tmp_path, **kw) -> pl.Trainer:
+    args = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False,
+                default_root_dir=str(tmp_path), limit_val_batches=0, num_sanity_val_steps=0)
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
+def _classifier(**kw) -> Classifier:
+    kw = {"model_name": "revnet_digits", "num_classes": 10, "in_channels": 1,
+          "optimizer": SGD, **kw}
+    return Classifier(**kw)
+
+
+# --- classifier ------------------------------------------------------------------------------
+
+
+def test_classifier_trains_and_logs_top1_top5(tmp_path):
+    torch.manual_seed(0)
+    module = _classifier()
+    dm = DigitsDataModule(batch_size=64)
+    trainer = _trainer(tmp_path, max_epochs=3, limit_train_batches=8, limit_val_batches=2,
+                       limit_test_batches=2)
+    trainer.fit(module, dm)
+    assert trainer.callback_metrics["train/loss_epoch"] < 1.5  # log(10) = 2.3 at the start
+    result = trainer.test(module, dm, verbose=False)[0]
+    assert set(result) >= {"test/top1", "test/top5", "test/loss"}
+    assert result["test/top5"] >= result["test/top1"]
+    assert result["test/top1"] > 0.5  # chance is 0.1
+    preds = trainer.predict(module, dm.predict_dataloader())
+    assert preds[0]["probs"].shape[-1] == 10
+    assert torch.allclose(preds[0]["probs"].sum(-1), torch.ones(len(preds[0]["pred"])))
+
+
+def test_memory_mode_reaches_every_stack():
+    module = _classifier(memory="stored")
+    stacks = reversible_stacks(module.net)
+    assert stacks and all(s.memory.value == "stored" for s in stacks)
+
+
+def test_classifier_rejects_data_it_cannot_take(tmp_path):
+    dm = DigitsDataModule()
+    with pytest.raises(ValueError, match="num_classes"):
+        _classifier(num_classes=7).check_data(dm)
+    with pytest.raises(ValueError, match="in_channels 1"):
+        _classifier(in_channels=3).check_data(dm)
+    # an i-RevNet with a stride-2 stage cannot take odd image sizes: caught before training
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (9, 9)).save(tmp_path / split / c / "0.JPEG")
+    odd = ImageNetDataModule(root=str(tmp_path), image_size=7, num_classes=2, batch_size=2,
+                             num_workers=0)
+    module = Classifier("irevnet_digits", num_classes=2, in_channels=3, optimizer=SGD)
+    trainer = _trainer(tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match=r"cannot take the \(3, 7, 7\) images"):
+        trainer.fit(module, odd)
+    assert trainer.global_step == 0
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'revnet_nope'.*revnet38"):
+        Classifier("revnet_nope")
+
+
+# --- callbacks -------------------------------------------------------------------------------
+
+
+def test_monitors_log_memory_and_small_reconstruction_error(tmp_path):
+    torch.manual_seed(0)
+    module = _classifier()
+    recon = ReconstructionMonitor(every_n_steps=2)
+    trainer = _trainer(tmp_path, max_steps=3, callbacks=[PeakMemoryMonitor(1), recon])
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    metrics = trainer.callback_metrics
+    assert metrics["mem/peak_rss_mib"] > 10  # a Python process with torch is larger than 10 MiB
+    assert 0 <= metrics["recon/max_abs_error"] < 1e-3
+    assert len(reversible_stacks(module)) == sum(k.startswith("recon/stack") for k in recon.last)
+
+
+def test_reconstruction_monitor_catches_a_broken_inverse(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    module = _classifier()
+    stack = reversible_stacks(module)[0]
+    x = torch.randn(8, 1, 8, 8)
+    monitor = ReconstructionMonitor(every_n_steps=1, raise_above=1e-3)
+    assert max(monitor.measure(module, x)) < 1e-3
+    layer = stack[0]
+    honest = layer.inverse
+    monkeypatch.setattr(layer, "inverse", lambda y: honest(y) + 0.5)  # deliberately wrong
+    assert max(monitor.measure(module, x)) >= 0.5
+    trainer = _trainer(tmp_path, max_steps=2, callbacks=[monitor])
+    with pytest.raises(ReconstructionError, match="stack 0"):
+        trainer.fit(module, DigitsDataModule(batch_size=16))
+
+
+def _state(module: pl.LightningModule, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+    state = {f"model.{k}": v.clone() for k, v in module.state_dict().items()}
+    opt = trainer.optimizers[0].state_dict()["state"]
+    for i, s in opt.items():
+        state[f"opt.{i}"] = s["momentum_buffer"].clone()
+    return state
+
+
+def _fit_resume(tmp_path, name, rng_callback: bool, ckpt_path=None):
+    torch.manual_seed(0 if ckpt_path is None else 123)  # the resumed run starts elsewhere
+    module = _classifier(model_kwargs={"dropout": 0.3})
+    callbacks = [ModelCheckpoint(dirpath=str(tmp_path / name), filename="{epoch}",
+                                 every_n_epochs=1, save_top_k=-1)]
+    if rng_callback:
+        callbacks.append(RNGStateCallback())
+    trainer = _trainer(tmp_path, max_epochs=3, limit_train_batches=2, callbacks=callbacks,
+                       enable_checkpointing=True)
+    trainer.fit(module, DigitsDataModule(batch_size=32, augment=True), ckpt_path=ckpt_path)
+    return _state(module, trainer), trainer
+
+
+def test_resume_parity_with_dropout_needs_the_rng_callback(tmp_path):
+    """TESTPLAN 39: checkpoint every epoch of 2 steps; resuming after the first epoch ends in
+    the same weights, BatchNorm buffers and optimizer state, bit for bit, with the RNG
+    callback (dropout masks, shuffling and augmentation draw the same numbers); without it
+    the resumed run differs."""
+    full, _ = _fit_resume(tmp_path, "a", rng_callback=True)
+    ckpt = tmp_path / "a" / "epoch=0.ckpt"
+    assert ckpt.exists()
+    resumed, trainer = _fit_resume(tmp_path, "b", rng_callback=True, ckpt_path=str(ckpt))
+    assert trainer.global_step == 6
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full), \
+        [k for k in full if not torch.equal(full[k], resumed[k])][:5]
+    # the same resume without the callback: different random numbers, different end state
+    unseeded, _ = _fit_resume(tmp_path, "c", rng_callback=False, ckpt_path=str(ckpt))
+    assert not all(torch.equal(full[k], unseeded[k]) for k in full)
+
+
+class _Failing(Classifier):
+    fail_at: int | None = 3
+
+    def training_step(self, batch, batch_idx):
+        if self.fail_at is not None and self.global_step == self.fail_at:
+            raise RuntimeError("simulated failure inside training_step")
+        return super().training_step(batch, batch_idx)
+
+
+def test_exception_leaves_a_checkpoint_and_resume_finishes(tmp_path):
+    """TESTPLAN 40."""
+    torch.manual_seed(0)
+    kw = {"model_name": "revnet_digits", "num_classes": 10, "in_channels": 1, "optimizer": SGD}
+    dm = DigitsDataModule(batch_size=32)
+    module = _Failing(**kw)
+    trainer = _trainer(tmp_path, max_steps=6, enable_checkpointing=True,
+                       callbacks=[OnExceptionCheckpoint(str(tmp_path / "ckpt"))])
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        trainer.fit(module, dm)
+    ckpt = tmp_path / "ckpt" / "on_exception.ckpt"
+    assert ckpt.exists()
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 3
+    module = _Failing(**kw)
+    module.fail_at = None
+    trainer = _trainer(tmp_path, max_steps=6)
+    trainer.fit(module, dm, ckpt_path=str(ckpt))
+    assert trainer.global_step == 6
+
+
+# --- flows -----------------------------------------------------------------------------------
+
+
+def test_flow_module_trains_reports_bpd_and_writes_a_sample_grid(tmp_path):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    module = FlowModule("realnvp", model_kwargs={"in_channels": 1, "image_size": 8,
+                                                 "levels": 2, "hidden": 8},
+                        num_samples=16, sample_dir=str(tmp_path / "samples"),
+                        optimizer=partial(torch.optim.Adam, lr=1e-3))
+    dm = DigitsDataModule(batch_size=32, normalize=False)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=2)
+    trainer.fit(module, dm)
+    assert module.levels == 17  # taken from the DataModule
+    m = trainer.callback_metrics
+    # bits/dim and NLL are the same quantity in different units: nll = bpd * D * ln 2
+    assert torch.isclose(m["val/nll"], m["val/bpd"] * 64 * torch.log(torch.tensor(2.0)),
+                         rtol=1e-4)
+    assert 0 < m["val/bpd"] < 20
+    grid = tmp_path / "samples" / "epoch0000_t0.7.png"
+    with Image.open(grid) as img:
+        assert img.size == (4 * 9 + 1, 4 * 9 + 1)  # 4x4 images of 8 px with 1 px padding
+
+
+def test_flow_rejects_images_of_the_wrong_size():
+    module = FlowModule("realnvp", model_kwargs={"in_channels": 1, "image_size": 16,
+                                                 "levels": 2, "hidden": 8})
+    with pytest.raises(ValueError, match=r"cannot take the \(1, 8, 8\) images"):
+        module.check_data(DigitsDataModule())
+
+
+def test_flow_module_refuses_a_classifier():
+    with pytest.raises(ValueError, match="no log_prob"):
+        FlowModule("revnet_digits", model_kwargs={"num_classes": 10, "in_channels": 1})
+
+
+# --- DDP: TESTPLAN 37 / 38 -------------------------------------------------------------------
+
+_DDP_SCRIPT = textwrap.dedent("""
+    import sys
+    from functools import partial
+
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from revtrain.lightning import Classifier
+
+
+    class GradRecorder(pl.Callback):
+        def __init__(self):
+            self.grads = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.grads.append({"batch": [t.clone() for t in batch]})
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            # after backward: DDP has all-reduced (averaged) the gradients
+            self.grads[-1].update({n: p.grad.detach().clone()
+                                   for n, p in pl_module.named_parameters()})
+
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        torch.manual_seed(0)
+        module = Classifier("revnet_digits", num_classes=10, in_channels=1,
+                            optimizer=partial(torch.optim.SGD, lr=0.05))
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+        recorder = GradRecorder()
+        strategy = {"ddp": "ddp", "unused": "ddp_find_unused_parameters_true",
+                    "static": DDPStrategy(static_graph=True)}[sys.argv[2]]
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[recorder])
+        trainer.fit(module, loader)
+        torch.save(recorder.grads, f"{out}/grads_rank{trainer.global_rank}.pt")
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["ddp", "unused", "static"])
+def test_ddp_two_cpu_ranks_hold_identical_gradients_equal_to_one_process(tmp_path, variant):
+    """TESTPLAN 38 (and the gradient half of 37): Trainer(accelerator="cpu", devices=2,
+    strategy="ddp") over gloo on a reversible RevNet, 3 steps. Each rank draws its own 4
+    samples (DistributedSampler) and records them; BatchNorm uses each rank's own batch statistics, so the
+    single-process reference is the mean of the gradients of the two shards, followed by the
+    same SGD step. Variants: plain ``"ddp"``, ``find_unused_parameters=True`` and
+    ``static_graph=True`` (TESTPLAN 37's switches)."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(_DDP_SCRIPT)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), variant], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"grads_rank{r}.pt") for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    shards = [[ranks[r][step].pop("batch") for r in (0, 1)] for step in range(3)]
+    for step in range(3):
+        assert not torch.equal(shards[step][0][0], shards[step][1][0])  # different samples
+        for name, g in ranks[0][step].items():
+            assert torch.equal(g, ranks[1][step][name]), (step, name)
+
+    # single process: the same initial weights, shards and SGD steps
+    torch.manual_seed(0)
+    module = Classifier("revnet_digits", num_classes=10, in_channels=1, check_input=False)
+    module.train()
+    params = dict(module.named_parameters())
+    worst_single_shard = 0.0
+    for step in range(3):
+        shard_grads = []
+        for x, y in shards[step]:  # the 4 samples each rank drew (DistributedSampler)
+            module.zero_grad()
+            torch.nn.functional.cross_entropy(module(x), y).backward()
+            shard_grads.append({n: p.grad.clone() for n, p in params.items()})
+        for name, g_ddp in ranks[0][step].items():
+            expected = (shard_grads[0][name] + shard_grads[1][name]) / 2
+            assert torch.allclose(g_ddp, expected, rtol=1e-4, atol=1e-6), (step, name)
+            worst_single_shard = max(worst_single_shard,
+                                     float((shard_grads[0][name] - g_ddp).abs().max()))
+        with torch.no_grad():
+            for name, p in params.items():
+                p -= 0.05 * (shard_grads[0][name] + shard_grads[1][name]) / 2
+    # the comparison can fail: one rank's local (not all-reduced) gradient is far off
+    assert worst_single_shard > 1e-3
