@@ -13,12 +13,13 @@ from functools import partial
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from revtrain import ReconstructionError
 from revtrain.lightning import (
     Classifier,
     DigitsDataModule,
+    ExceptionCheckpoint,
     FlowModule,
     ImageNetDataModule,
     PeakMemoryMonitor,
@@ -193,7 +194,7 @@ def test_exception_leaves_a_checkpoint_and_resume_finishes(tmp_path):
     dm = DigitsDataModule(batch_size=32)
     module = _Failing(**kw)
     trainer = _trainer(tmp_path, max_steps=6, enable_checkpointing=True,
-                       callbacks=[OnExceptionCheckpoint(str(tmp_path / "ckpt"))])
+                       callbacks=[ExceptionCheckpoint(str(tmp_path / "ckpt"))])
     with pytest.raises(RuntimeError, match="simulated failure"):
         trainer.fit(module, dm)
     ckpt = tmp_path / "ckpt" / "on_exception.ckpt"

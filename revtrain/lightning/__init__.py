@@ -5,7 +5,12 @@
 >>> pl.Trainer(max_epochs=1).fit(Classifier("revnet_digits", in_channels=1), DigitsDataModule())
 """
 
-from .callbacks import PeakMemoryMonitor, ReconstructionMonitor, RNGStateCallback
+from .callbacks import (
+    ExceptionCheckpoint,
+    PeakMemoryMonitor,
+    ReconstructionMonitor,
+    RNGStateCallback,
+)
 from .classifier import Classifier
 from .data import CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule, ImageNetDataModule
 from .flow import FlowModule
@@ -16,6 +21,7 @@ __all__ = [
     "CIFAR100DataModule",
     "Classifier",
     "DigitsDataModule",
+    "ExceptionCheckpoint",
     "FlowModule",
     "ImageNetDataModule",
     "PeakMemoryMonitor",

@@ -10,11 +10,13 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import OnExceptionCheckpoint
 from torch import Tensor
 
 from ._common import reversible_stacks
 
-__all__ = ["PeakMemoryMonitor", "ReconstructionMonitor", "RNGStateCallback"]
+__all__ = ["ExceptionCheckpoint", "PeakMemoryMonitor", "ReconstructionMonitor",
+           "RNGStateCallback"]
 
 
 class PeakMemoryMonitor(pl.Callback):
@@ -174,3 +176,24 @@ class RNGStateCallback(pl.Callback):
                 torch.cuda.set_rng_state_all(states)
             else:
                 torch.cuda.set_rng_state(states[0])
+
+
+class ExceptionCheckpoint(OnExceptionCheckpoint):
+    """Lightning's :class:`~pytorch_lightning.callbacks.OnExceptionCheckpoint`, but only once
+    training has taken a step.
+
+    An exception inside training (or Ctrl-C) writes ``dirpath/filename.ckpt``; while this
+    callback is configured, ``fit`` without ``ckpt_path`` resumes from the newest checkpoint
+    (Lightning's behaviour), so the run continues where it failed. A failure before the first
+    step (a bad configuration, a missing data directory) writes nothing, so that fixing the
+    configuration starts a fresh run rather than "resuming" an untrained one.
+
+    Args:
+        dirpath: folder of the checkpoint.
+        filename: its name without ``.ckpt``.
+    """
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        if trainer.global_step > 0:
+            super().on_exception(trainer, pl_module, exception)
