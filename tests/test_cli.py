@@ -98,6 +98,12 @@ def test_fit_tests_and_prints_the_memory_table(capsys, in_tmp):
     assert _held(out, "as trained") < 0.5 * _held(out, "stored twin")
     ckpt = next(in_tmp.glob("runs/csv/version_0/checkpoints/last.ckpt"))
     assert (in_tmp / "runs/csv/version_0/metrics.csv").exists()
+    # the checkpoint loads with weights_only=True (RNG state and hparams are plain data)
+    from revtrain.lightning import Classifier
+
+    loaded = Classifier.load_from_checkpoint(ckpt, weights_only=True)
+    assert loaded.hparams.model_name == "revnet_digits"
+    assert "RNGStateCallback" in torch.load(ckpt, weights_only=True)["callbacks"]
 
     cli(["fit", "--config", DIGITS, "--model.memory", "stored", *short])
     out = capsys.readouterr().out

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -187,15 +188,35 @@ class _Failing(Classifier):
         return super().training_step(batch, batch_idx)
 
 
-def test_exception_leaves_a_checkpoint_and_resume_finishes(tmp_path):
-    """TESTPLAN 40."""
+class _SigtermAt(pl.Callback):
+    """Send this process SIGTERM after step ``step`` (as a cluster scheduler would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("failure", ["exception", "sigterm"])
+def test_exception_leaves_a_checkpoint_and_resume_finishes(tmp_path, failure):
+    """TESTPLAN 40: an exception inside training_step, or SIGTERM (Lightning turns it into
+    SIGTERMException at the next loop check), leaves a checkpoint; resuming from it finishes."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     torch.manual_seed(0)
     kw = {"model_name": "revnet_digits", "num_classes": 10, "in_channels": 1, "optimizer": SGD}
     dm = DigitsDataModule(batch_size=32)
     module = _Failing(**kw)
-    trainer = _trainer(tmp_path, max_steps=6, enable_checkpointing=True,
-                       callbacks=[ExceptionCheckpoint(str(tmp_path / "ckpt"))])
-    with pytest.raises(RuntimeError, match="simulated failure"):
+    callbacks = [ExceptionCheckpoint(str(tmp_path / "ckpt"))]
+    if failure == "sigterm":
+        module.fail_at = None
+        callbacks.append(_SigtermAt(3))
+    trainer = _trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=callbacks)
+    expected = (RuntimeError, "simulated failure") if failure == "exception" else \
+        (SIGTERMException, "")
+    with pytest.raises(expected[0], match=expected[1]):
         trainer.fit(module, dm)
     ckpt = tmp_path / "ckpt" / "on_exception.ckpt"
     assert ckpt.exists()
