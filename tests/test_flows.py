@@ -107,7 +107,7 @@ MODELS = {
     "realnvp-vec": (dict(name="realnvp", dim=5, hidden=8, num_layers=4), lambda: _vec(5)),
     "realnvp-img": (dict(name="realnvp", in_channels=1, image_size=4, levels=2, hidden=4),
                     lambda: _unit(1, 4)),
-    "realnvp-img-prior": (dict(name="realnvp", in_channels=2, image_size=4, levels=1, hidden=4,
+    "realnvp-img-prior": (dict(name="realnvp", in_channels=2, image_size=4, levels=2, hidden=4,
                                split_prior=True, actnorm=False), lambda: _unit(2, 4)),
     "glow": (dict(name="glow", in_channels=1, image_size=4, levels=2, steps=2, hidden=4),
              lambda: _unit(1, 4)),
@@ -608,3 +608,48 @@ def test_logistic_prior_is_normalised():
     assert abs(float(mass) - 1.0) < 1e-6
     s = StandardLogistic().sample((20000, 1))
     assert abs(float(s.var()) - math.pi ** 2 / 3) < 0.2
+
+
+# ---------------------------------------------------------------------------- DDP
+
+
+def _ddp_actnorm_worker(rank: int, world: int, init_file: str, x: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)  # same initial weights on every rank
+        model = DistributedDataParallel(_LevelNLL(_actnorm_stack()))
+        shard = x.chunk(world)[rank]
+        for step in range(2):
+            _nll(model(shard * (step + 1.0))).backward()  # the second batch is another one
+            if step == 0:
+                first = {k: v.clone() for k, v in model.module.level.state_dict().items()}
+        torch.save({"first": first, "final": model.module.level.state_dict()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_actnorm_initialises_identically_under_ddp(tmp_path):
+    """Two gloo ranks, each with half of the batch: ActNorm initialises once, from the
+    statistics of the whole batch, identically on both ranks."""
+    import torch.multiprocessing as mp
+
+    world = 2
+    x = 1.0 + 3.0 * _img(2, 4, seed=11).repeat(2, 1, 1, 1)
+    x[B:] = 2.0 * x[B:] - 1.0  # the two shards differ in mean and scale
+    out = str(tmp_path / "state")
+    mp.spawn(_ddp_actnorm_worker, args=(world, str(tmp_path / "init"), x, out), nprocs=world)
+    states = [torch.load(f"{out}.{r}") for r in range(world)]
+    reference = _actnorm_stack()
+    reference.train()(x)  # single process, full batch
+    for k in ("layers.0.log_scale", "layers.0.bias"):
+        for state in states:
+            torch.testing.assert_close(state["first"][k], reference.state_dict()[k],
+                                       rtol=1e-10, atol=1e-12, msg=k)
+            # the second step (another batch) did not initialise again
+            torch.testing.assert_close(state["final"][k], state["first"][k], rtol=0, atol=0)
+    assert bool(states[0]["final"]["layers.0.initialized"])
