@@ -72,9 +72,20 @@ class RevtrainCLI(LightningCLI):
         if report.test_after_fit:
             if self.trainer.interrupted:
                 return
-            self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)
+            results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)
+            self._print_test_summary(results)
         if report.memory_table:
             self._print_memory_table(report)
+
+    @rank_zero_only
+    def _print_test_summary(self, results: list[dict[str, float]]) -> None:
+        if not results:
+            return
+        loader = self.trainer.test_dataloaders
+        n = len(loader.dataset) if hasattr(loader, "dataset") else None
+        scores = ", ".join(f"{k} = {v:.4f}" for k, v in results[0].items() if k != "test/loss")
+        where = f" ({n} images of the test split)" if n else " (test split)"
+        print(f"\nTest after fit{where}: {scores}", flush=True)
 
     @rank_zero_only
     def _print_memory_table(self, report: RunReport) -> None:

@@ -102,7 +102,8 @@ def memory_table(net: nn.Module, datamodule: Any, batch_size: int | None = None,
         f"Memory of one training step, batch {tuple(x.shape)}, {rows[0]['method']} on "
         f"{rows[0]['device']}, torch {torch.__version__}:",
         "",
-        "| model | memory mode | held fwd->bwd | peak of step | peak - grads | held vs stored |",
+        "| model | memory mode | held fwd->bwd | peak of step (with grads) | peak - grads "
+        "| held vs stored |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
