@@ -141,3 +141,16 @@ def test_bad_memory_mode_is_rejected_by_the_parser(capsys):
         cli(["fit", "--config", DIGITS, "--model.memory", "cheap"])
     assert exit_.value.code != 0
     assert "cheap" in capsys.readouterr().err
+
+
+SMALL_INPUT_CONFIGS = [p for p in CONFIGS if not p.stem.startswith("imagenet_")]
+
+
+@pytest.mark.parametrize("config", SMALL_INPUT_CONFIGS, ids=[p.stem for p in SMALL_INPUT_CONFIGS])
+def test_config_model_takes_its_data(config):
+    """Build each CIFAR / digits config's model and DataModule (no files needed) and run the
+    pre-training check: channels, classes and image size fit. (The ImageNet models, 29M-181M
+    parameters, are left to the model tests.)"""
+    torch.set_num_threads(1)
+    run = cli(["--config", str(config), "--trainer.accelerator", "cpu"], run=False)
+    run.model.check_data(run.datamodule)
