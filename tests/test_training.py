@@ -365,3 +365,33 @@ def test_ddp_two_cpu_ranks_hold_identical_gradients_equal_to_one_process(tmp_pat
                 p -= 0.05 * (shard_grads[0][name] + shard_grads[1][name]) / 2
     # the comparison can fail: one rank's local (not all-reduced) gradient is far off
     assert worst_single_shard > 1e-3
+
+
+def test_vector_flow_on_images_flattens_and_grids(tmp_path):
+    """NICE is a flow on vectors: the module flattens the 8x8 digits and reshapes samples."""
+    torch.manual_seed(0)
+    module = FlowModule("nice", model_kwargs={"dim": 64, "num_layers": 4, "hidden": 16,
+                                              "depth": 1},
+                        num_samples=4, sample_dir=str(tmp_path / "s"),
+                        optimizer=partial(torch.optim.Adam, lr=1e-3))
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, DigitsDataModule(batch_size=16, normalize=False))
+    assert torch.isfinite(trainer.callback_metrics["val/bpd"])
+    assert (tmp_path / "s" / "epoch0000_t0.7.png").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_peak_memory_and_memory_table(tmp_path):
+    from revtrain.lightning import memory_table
+
+    torch.manual_seed(0)
+    module = _classifier()
+    trainer = _trainer(tmp_path, accelerator="gpu", max_steps=2,
+                       callbacks=[PeakMemoryMonitor(1)])
+    dm = DigitsDataModule(batch_size=64)
+    trainer.fit(module, dm)
+    assert trainer.callback_metrics["mem/step_peak_mib"] > 0
+    text, rows = memory_table(module.net.cuda(), dm)
+    assert rows[0]["method"] == "cuda-allocator"
+    assert rows[0]["held_bytes"] < rows[1]["held_bytes"]
