@@ -242,7 +242,7 @@ def test_flow_module_trains_reports_bpd_and_writes_a_sample_grid(tmp_path):
     dm = DigitsDataModule(batch_size=32, normalize=False)
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=2)
     trainer.fit(module, dm)
-    assert module.levels == 17  # taken from the DataModule
+    assert module.num_bins == 17  # taken from the DataModule
     m = trainer.callback_metrics
     # bits/dim and NLL are the same quantity in different units: nll = bpd * D * ln 2
     assert torch.isclose(m["val/nll"], m["val/bpd"] * 64 * torch.log(torch.tensor(2.0)),

@@ -26,7 +26,7 @@ def _default_adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
 class FlowModule(pl.LightningModule):
     r"""Train a flow (``nice``, ``realnvp``, ``glow``) by maximum likelihood.
 
-    A batch of images in :math:`[0, 1]` on a grid of ``levels`` values (the DataModule's
+    A batch of images in :math:`[0, 1]` on a grid of ``num_bins`` values (the DataModule's
     ``normalize=False`` output, :math:`x = k / (K - 1)`) is turned back into integer levels
     :math:`k`, dequantized to :math:`y = (k + u) / K`, :math:`u \sim U[0, 1)^D`, and scored:
 
@@ -44,7 +44,7 @@ class FlowModule(pl.LightningModule):
         model_name: a flow in the registry: ``"nice"``, ``"realnvp"``, ``"glow"``.
         model_kwargs: its keyword arguments (``in_channels``, ``image_size``, ``levels`` ...).
         memory: memory mode of every reversible stack.
-        levels: number of grey levels :math:`K` of the data (256 for 8-bit images, 17 for
+        num_bins: number of grey levels :math:`K` of the data (256 for 8-bit images, 17 for
             scikit-learn digits); default: the DataModule's ``num_bins``.
         temperature: temperature of the sample grids (Glow uses 0.7).
         num_samples: images per grid.
@@ -62,7 +62,7 @@ class FlowModule(pl.LightningModule):
         model_name: str = "realnvp",
         model_kwargs: dict[str, Any] | None = None,
         memory: Literal["reversible", "checkpoint", "stored"] = "reversible",
-        levels: int | None = None,
+        num_bins: int | None = None,
         temperature: float = 0.7,
         num_samples: int = 64,
         sample_every_n_epochs: int = 1,
@@ -83,9 +83,9 @@ class FlowModule(pl.LightningModule):
                              "(nice, realnvp, glow). Use Classifier for classifiers")
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        self.levels = levels
+        self.num_bins = num_bins
         self.dequantize: UniformDequantization | None = (
-            UniformDequantization(levels) if levels is not None else None)
+            UniformDequantization(num_bins) if num_bins is not None else None)
         self._image_shape: tuple[int, ...] | None = None
         for split in ("train", "val", "test"):
             setattr(self, f"{split}_nll", MeanMetric())
@@ -94,15 +94,15 @@ class FlowModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         if self.dequantize is None:
-            levels = getattr(datamodule, "num_bins", 256)
-            self.levels, self.dequantize = levels, UniformDequantization(levels)
+            num_bins = getattr(datamodule, "num_bins", 256)
+            self.num_bins, self.dequantize = num_bins, UniformDequantization(num_bins)
         self._image_shape = getattr(datamodule, "input_shape", None)
         if self.hparams.check_input and datamodule is not None:
             self.check_data(datamodule)
 
     def _dequantizer(self) -> UniformDequantization:
-        if self.dequantize is None:  # used outside a Trainer without `levels`
-            self.levels, self.dequantize = 256, UniformDequantization(256)
+        if self.dequantize is None:  # used outside a Trainer without `num_bins`
+            self.num_bins, self.dequantize = 256, UniformDequantization(256)
         return self.dequantize
 
     def _is_vector_flow(self) -> bool:
