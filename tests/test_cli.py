@@ -24,6 +24,9 @@ def in_tmp(tmp_path, monkeypatch):
     models here are tiny."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["revtrain"])  # not pytest's arguments
+    # seed_everything (the configs' seed) exports PL_GLOBAL_SEED; do not leak it to other tests
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    monkeypatch.delenv("PL_GLOBAL_SEED")
     threads = torch.get_num_threads()
     yield tmp_path
     torch.set_num_threads(threads)
