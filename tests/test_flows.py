@@ -653,3 +653,22 @@ def test_actnorm_initialises_identically_under_ddp(tmp_path):
             # the second step (another batch) did not initialise again
             torch.testing.assert_close(state["final"][k], state["first"][k], rtol=0, atol=0)
     assert bool(states[0]["final"]["layers.0.initialized"])
+
+
+# ---------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["glow", "realnvp-img", "nice"])
+def test_model_on_cuda_matches_stored_twin(name):
+    model, x = _model(name)
+    model, x = model.cuda(), x.cuda()
+    stored = copy.deepcopy(model)
+    stored.memory = "stored"
+    (-model.log_prob(x).mean()).backward()
+    (-stored.log_prob(x).mean()).backward()
+    for (n, p), q in zip(model.named_parameters(), stored.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=n)
+    s = model.eval().sample(4, temperature=0.7)
+    assert s.is_cuda and torch.isfinite(s).all()
