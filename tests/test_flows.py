@@ -402,15 +402,16 @@ def test_actnorm_initialises_on_the_first_training_batch_only():
         assert torch.equal(v, before[k]), k
 
 
-def _actnorm_stack() -> ReversibleSequential:
+def _actnorm_stack(memory: str = "reversible") -> ReversibleSequential:
     torch.manual_seed(0)
     return ReversibleSequential(ActNorm(2), _ch_coupling(2, False), ActNorm(2),
-                                _ch_coupling(2, True), memory="reversible").double()
+                                _ch_coupling(2, True), memory=memory).double()
 
 
-def test_actnorm_initialises_once_through_a_reversible_stack():
+@pytest.mark.parametrize("mode", ["reversible", "checkpoint"])
+def test_actnorm_initialises_once_through_a_reversible_stack(mode):
     """Init happens in forward (inside the engine); backward's recomputation sees it."""
-    rev = _actnorm_stack()
+    rev = _actnorm_stack(mode)
     stored = copy.deepcopy(rev)
     stored.memory = "stored"
     x = 1.0 + 3.0 * _img(2, 4)
