@@ -10,8 +10,6 @@ import math
 
 import pytest
 import torch
-from revtrain.models import create, list_models
-from revtrain.models.flows import glow_level
 from torch import nn
 
 import revtrain
@@ -35,6 +33,8 @@ from revtrain.flows import (
     VariationalDequantization,
     bits_per_dim,
 )
+from revtrain.models import create, list_models
+from revtrain.models.flows import glow_level
 
 B = 3
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from revtrain.models.irevnet import IRevNet, IRevNetBlock
-from revtrain.models.revnet import ResNet, RevNet
 
 import revtrain
 from revtrain import models
+from revtrain.models.irevnet import IRevNet, IRevNetBlock
+from revtrain.models.revnet import ResNet, RevNet
 
 
 @dataclass(frozen=True)
