@@ -55,6 +55,7 @@ __all__ = [
     "square_loss",
     "stack_models",
     "subnet",
+    "subprocess_rss_step",
     "time_interleaved",
     "write_json",
 ]
@@ -276,6 +277,53 @@ def rss_coupling_stack(depth: int, channels: int, size: int, batch: int, memory:
     models = stack_models(depth, channels, [memory], seed)
     x = torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
     return models[memory], x
+
+
+_RSS_STEP_SCRIPT = r"""
+import json, sys
+spec = json.loads(sys.argv[1])
+sys.path.insert(0, spec["repo"])
+import torch
+torch.set_num_threads(spec["threads"])
+from benchmarks.common import rss_coupling_stack, square_loss
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return 1024 * int(line.split()[1])
+
+model, x = rss_coupling_stack(**spec["kwargs"])
+deltas = []
+for _ in range(2):  # a cold first step, then a warm one
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set (VmHWM) to the current one
+    before = status("VmRSS")
+    square_loss(model(x)).backward()
+    for p in model.parameters():
+        p.grad = None
+    deltas.append(status("VmHWM") - before)
+print(json.dumps({"cold_delta_bytes": deltas[0], "warm_delta_bytes": deltas[1]}))
+"""
+
+
+def subprocess_rss_step(kwargs: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    """Peak resident-set growth of a training step of :func:`rss_coupling_stack` (Linux).
+
+    Runs in a fresh process; before each of two steps the kernel's peak-RSS mark is reset
+    (``/proc/self/clear_refs``), so the figure is the step's own peak over the RSS before it:
+    ``cold_delta_bytes`` (first step: one-off allocations included) and ``warm_delta_bytes``
+    (second step: the allocator may reuse memory it kept).
+    """
+    if not Path("/proc/self/clear_refs").exists():
+        raise RuntimeError("subprocess_rss_step needs Linux /proc (clear_refs)")
+    spec = json.dumps({"repo": str(REPO), "threads": torch.get_num_threads(), "kwargs": kwargs})
+    result = subprocess.run([sys.executable, "-c", _RSS_STEP_SCRIPT, spec], capture_output=True,
+                            text=True, timeout=timeout, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"subprocess_rss_step({kwargs}) failed:\n{result.stderr[-2000:]}")
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    record["method"] = "process-rss-hwm-reset"
+    return record
 
 
 # ----------------------------------------------------------------------------- records

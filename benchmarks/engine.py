@@ -73,6 +73,39 @@ def canonical_name(name: str) -> str:
     return name.replace("._fn.Fm.", ".f.").replace("._fn.Gm.", ".g.")
 
 
+def subnet_calls(models: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, int]:
+    """Evaluations of the sub-networks (f and g) in one training step of each mode."""
+    counts = dict.fromkeys(models, 0)
+
+    def counting(mode: str, forward):
+        def wrapped(*args, **kwargs):
+            counts[mode] += 1
+            return forward(*args, **kwargs)
+
+        return wrapped
+
+    for mode, model in models.items():
+        # memcnn calls `Fm.forward(x)` directly (no hooks fire), so wrap `forward` itself
+        nets = [m for name, m in model.named_modules()
+                if name.endswith((".f", ".g", ".Fm", ".Gm"))]
+        for net in nets:
+            net.forward = counting(mode, net.forward)
+        try:
+            training_step(model, x)()
+        finally:
+            for net in nets:
+                del net.forward
+    return counts
+
+
+def _forward_no_grad(model: torch.nn.Module, x: torch.Tensor):
+    def step() -> None:
+        with torch.no_grad():
+            model(x)
+
+    return step
+
+
 def run_engine_benchmark(depth: int = 16, channels: int = 32, size: int = 32, batch: int = 16,
                          repeats: int = 15, warmup: int = 3, device: str = "cpu",
                          memory: bool = True) -> dict[str, Any]:
@@ -83,13 +116,24 @@ def run_engine_benchmark(depth: int = 16, channels: int = 32, size: int = 32, ba
     x = x.to(dev)
     env = environment(dev)
     agreement = gradient_agreement(models, x)
+    calls = subnet_calls(models, x)
+    steps = {m: training_step(models[m], x) for m in MODES}
+    steps["forward_no_grad"] = _forward_no_grad(models["stored"], x)
     start = time.perf_counter()
-    timing = time_interleaved({m: training_step(models[m], x) for m in MODES}, repeats, warmup,
-                              dev)
+    timing = time_interleaved(steps, repeats, warmup, dev)
     elapsed = time.perf_counter() - start
     median = {m: timing[m]["median_s"] for m in MODES}
     ratios = {m: median[m] / median["stored"] for m in MODES}
     speedup = median["memcnn"] / median["reversible"]
+    # Prediction: the fused algorithm adds one no-grad forward to a stored step (4N vs 3N),
+    # memcnn two (5N); "ideal" = that prediction, measured / ideal < 1 is possible because
+    # the recomputation with grad costs less than the stored forward's bookkeeping.
+    t_fwd = timing["forward_no_grad"]["median_s"]
+    ideal = {"forward_no_grad_s": t_fwd,
+             "reversible_over_stored": 1 + t_fwd / median["stored"],
+             "memcnn_over_stored": 1 + 2 * t_fwd / median["stored"],
+             "reversible_over_ideal": median["reversible"] / (median["stored"] + t_fwd),
+             "memcnn_over_ideal": median["memcnn"] / (median["stored"] + 2 * t_fwd)}
     record: dict[str, Any] = {
         "benchmark": "engine",
         "config": {"depth": depth, "channels": channels, "size": size, "batch": batch,
@@ -108,6 +152,8 @@ def run_engine_benchmark(depth: int = 16, channels: int = 32, size: int = 32, ba
             "speedup_over_memcnn_met": speedup >= TARGET_SPEEDUP_OVER_MEMCNN,
         },
         "gradient_max_rel_diff_vs_stored": agreement,
+        "subnet_calls_per_step": calls,
+        "ideal": ideal,
         "timing_wall_s": elapsed,
     }
     if memory:
@@ -129,6 +175,12 @@ def _summary(record: dict[str, Any]) -> str:
             line += f"  peak {mem['peak_bytes'] / 2**20:.1f} MiB held {mem['held_bytes'] / 2**20:.1f} MiB"
         lines.append(line)
     lines.append(f"  reversible is {record['reversible_speedup_over_memcnn']:.3f}x faster than memcnn")
+    ideal = record["ideal"]
+    lines.append(f"  no-grad forward {ideal['forward_no_grad_s'] * 1e3:.1f} ms: predicted ratio "
+                 f"fused {ideal['reversible_over_stored']:.3f}, memcnn "
+                 f"{ideal['memcnn_over_stored']:.3f}; measured / predicted: reversible "
+                 f"{ideal['reversible_over_ideal']:.3f}, memcnn {ideal['memcnn_over_ideal']:.3f}")
+    lines.append(f"  sub-network calls per step: {record['subnet_calls_per_step']}")
     return "\n".join(lines)
 
 

@@ -61,7 +61,6 @@ def make_plots(folder: Path) -> list[Path]:
                 depths, values = _series(records, key, mode)
                 color, marker = _STYLE[mode]
                 ax.plot(depths, [v / _MIB for v in values], marker=marker, color=color, label=mode)
-            ax.set_xscale("log", base=2)
             ax.set_xlabel("stack depth (couplings)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)

@@ -52,6 +52,7 @@ from benchmarks.common import (
     measure_memory,
     square_loss,
     stack_models,
+    subprocess_rss_step,
     time_interleaved,
     training_step,
     write_json,
@@ -66,8 +67,8 @@ PROFILES: dict[str, dict[str, Any]] = {
               "batch_depth": 4, "batches": [1, 2], "repeats": 1, "warmup": 1,
               "rss": [], "models": "smoke", "model_batch": 2, "model_repeats": 1,
               "drift_depths": [2, 4], "drift_size": 8, "drift_batch": 2},
-    "quick": {"channels": 32, "size": 16, "batch": 8, "depths": [8, 16, 32, 64, 128],
-              "time_depths": [8, 32, 128], "batch_depth": 32, "batches": [2, 8, 32],
+    "quick": {"channels": 32, "size": 16, "batch": 4, "depths": [8, 16, 32, 64, 128],
+              "time_depths": [8, 32, 128], "batch_depth": 16, "batches": [2, 8, 32],
               "repeats": 3, "warmup": 1, "rss": [(8, "stored"), (128, "stored"),
                                                  (8, "reversible"), (128, "reversible")],
               "models": "quick", "model_batch": 8, "model_repeats": 2,
@@ -155,20 +156,26 @@ def stack_records(env: dict[str, Any], p: dict[str, Any], device: torch.device, 
 
 
 def rss_records(env: dict[str, Any], p: dict[str, Any]) -> list[dict[str, Any]]:
-    """Process peak RSS of one step in a fresh subprocess (CPU), next to the tensor count."""
+    """Process RSS growth of one step in a fresh subprocess (CPU), next to the tensor count.
+
+    Two measurements: :func:`benchmarks.common.subprocess_rss_step` (peak-RSS mark reset
+    before the step) and :func:`revtrain.memory.subprocess_peak_rss` (``ru_maxrss`` growth).
+    """
     from revtrain.memory import subprocess_peak_rss
 
     records = []
     for depth, mode in p["rss"]:
         kwargs = {"depth": depth, "channels": p["channels"], "size": p["size"],
                   "batch": p["batch"], "memory": mode}
-        rss = subprocess_peak_rss("benchmarks.common:rss_coupling_stack", kwargs)
+        ours = subprocess_rss_step(kwargs)
+        lib = subprocess_peak_rss("benchmarks.common:rss_coupling_stack", kwargs)
         records.append(_base(env, "rss", model=f"coupling-stack-c{p['channels']}-{p['size']}px",
                              depth=depth, batch=p["batch"], mode=mode,
-                             rss_peak_delta_bytes=rss["peak_delta_bytes"],
-                             method=rss["method"], step_s=None,
-                             note="first step in a fresh process (no warm-up): includes "
-                                  "one-off allocations and allocator caching"))
+                             rss_cold_delta_bytes=ours["cold_delta_bytes"],
+                             rss_warm_delta_bytes=ours["warm_delta_bytes"],
+                             method=ours["method"],
+                             subprocess_peak_rss_delta_bytes=lib["peak_delta_bytes"],
+                             step_s=None))
     return records
 
 
@@ -355,12 +362,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--sections", default="stack,rss,models,drift",
                         help="comma-separated subset of stack,rss,models,drift")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: what torch chooses for the machine)")
+                        help="torch threads (default: 1 for --quick and --smoke, whose small "
+                             "tensors gain little from more and, on a shared machine, lose a lot "
+                             "to OpenMP threads spinning against other processes; what torch "
+                             "chooses for the full profile)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     profile = "smoke" if args.smoke else "quick" if args.quick else "full"
+    threads = args.threads or (1 if profile in ("quick", "smoke") else None)
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
@@ -387,6 +399,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     written += make_plots(args.out)
     written.append(write_tables(args.out))
     print(f"total {time.perf_counter() - start:.1f} s; wrote {', '.join(map(str, written))}")
+    torch.set_num_threads(previous_threads)
     return written
 
 

@@ -1,6 +1,6 @@
 """Markdown tables generated from the benchmark JSON files, with the targets checked.
 
-Reads ``engine.json`` and every ``run_<profile>_<device>.json`` in the results folder and
+Reads ``engine*.json`` and every ``run_<profile>_<device>.json`` in the results folder and
 writes ``README.md`` there. Each table says which device, torch version, command and
 measurement method its figures come from; CPU and CUDA results get separate tables.
 
@@ -59,7 +59,8 @@ def engine_table(record: dict[str, Any]) -> list[str]:
     c = record["config"]
     t = record["targets"]
     lines = [
-        "### Engine: training-step time (benchmarks/engine.py)",
+        f"### Engine: training-step time (benchmarks/engine.py, "
+        f"{record['environment']['threads']} threads)",
         "",
         f"Conv coupling stack, depth {c['depth']}, {c['channels']} channels, "
         f"{c['size']}x{c['size']}, batch {c['batch']} (additive couplings, f and g = "
@@ -86,9 +87,18 @@ def engine_table(record: dict[str, Any]) -> list[str]:
         f"{'met' if t['reversible_over_stored_met'] else 'MISSED'})",
         f"- reversible is **{speedup:.3f}x** faster than memcnn (target ≥ "
         f"{t['speedup_over_memcnn_min']}x: {'met' if t['speedup_over_memcnn_met'] else 'MISSED'})",
-        "",
     ]
-    return lines
+    if "ideal" in record:
+        ideal = record["ideal"]
+        lines += [
+            f"- sub-network evaluations per step: {record['subnet_calls_per_step']}",
+            f"- a no-grad forward of the stack takes {_ms(ideal['forward_no_grad_s'])} ms; a stored "
+            f"step plus one (the fused algorithm's extra evaluation) predicts a ratio of "
+            f"{ideal['reversible_over_stored']:.3f}, plus two (memcnn's) "
+            f"{ideal['memcnn_over_stored']:.3f}; measured / predicted: reversible "
+            f"{ideal['reversible_over_ideal']:.3f}, memcnn {ideal['memcnn_over_ideal']:.3f}",
+        ]
+    return lines + [""]
 
 
 def model_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -179,15 +189,30 @@ def run_tables(result: dict[str, Any]) -> list[str]:
     rss = [r for r in records if r["section"] == "rss"]
     if rss:
         tensor = {(r["depth"], r["mode"]): r for r in stack}
-        lines += ["### Cross-check: process peak RSS in a fresh subprocess", "",
-                  "First step of a fresh process (no warm-up): includes one-off allocations "
-                  "and allocator caching, so it is a coarse upper view of the tensor count.", "",
-                  "| depth | mode | RSS growth (MiB) | tensor-level peak (MiB) |",
-                  "|---:|---|---:|---:|"]
+        lines += ["### Cross-check: process RSS in a fresh subprocess", "",
+                  "Growth of the resident set during one step, the kernel's peak-RSS mark reset "
+                  "before the step (`/proc/self/clear_refs`): cold = first step of the process "
+                  "(one-off allocations included), warm = second step (the allocator may reuse "
+                  "memory it kept). `subprocess_peak_rss` = revtrain.memory's `ru_maxrss` "
+                  "growth, which cannot rise above a peak inherited from a large parent "
+                  "process (reads 0 then).", "",
+                  "| depth | mode | RSS cold (MiB) | RSS warm (MiB) | subprocess_peak_rss (MiB) "
+                  "| tensor-level peak (MiB) |", "|---:|---|---:|---:|---:|---:|"]
         for r in rss:
             t = tensor.get((r["depth"], r["mode"]))
-            lines.append(f"| {r['depth']} | {r['mode']} | {_mib(r['rss_peak_delta_bytes'])} | "
+            lines.append(f"| {r['depth']} | {r['mode']} | {_mib(r['rss_cold_delta_bytes'])} | "
+                         f"{_mib(r['rss_warm_delta_bytes'])} | "
+                         f"{_mib(r['subprocess_peak_rss_delta_bytes'])} | "
                          f"{_mib(t['peak_bytes']) if t else '—'} |")
+        lines.append("")
+        for mode in MODES:
+            pts = sorted((r["depth"], r["rss_cold_delta_bytes"]) for r in rss if r["mode"] == mode)
+            lo, hi = (pts[0], pts[-1]) if len(pts) > 1 else (None, None)
+            if lo is None or (lo[0], mode) not in tensor or (hi[0], mode) not in tensor:
+                continue
+            growth = tensor[(hi[0], mode)]["peak_bytes"] - tensor[(lo[0], mode)]["peak_bytes"]
+            lines.append(f"- {mode}: from depth {lo[0]} to {hi[0]} the cold RSS growth rises by "
+                         f"{_mib(hi[1] - lo[1])} MiB, the tensor-level peak by {_mib(growth)} MiB")
         lines.append("")
     models = [r for r in records if r["section"] == "models"]
     if models:
@@ -244,8 +269,7 @@ def write_tables(folder: Path) -> Path:
              "(`python benchmarks/run.py [--quick]`, `python benchmarks/engine.py`). "
              "Every figure was measured on the device named next to it; CPU and CUDA results "
              "are kept in separate tables.", ""]
-    engine = folder / "engine.json"
-    if engine.exists():
+    for engine in sorted(folder.glob("engine*.json")):
         lines += engine_table(json.loads(engine.read_text()))
     for path in sorted(folder.glob("run_*.json")):
         lines += run_tables(json.loads(path.read_text()))

@@ -146,4 +146,6 @@ def test_engine_smoke_writes_ratios(bench, tmp_path):
         record["seconds"]["memcnn"] / record["seconds"]["reversible"])
     assert max(record["gradient_max_rel_diff_vs_stored"].values()) < 1e-4
     assert record["environment"]["torch"] == torch.__version__
+    calls = record["subnet_calls_per_step"]  # fused: one extra evaluation, memcnn: two
+    assert calls["reversible"] == 2 * calls["stored"] and calls["memcnn"] == 3 * calls["stored"]
     assert record["memory"]["reversible"]["held_bytes"] < record["memory"]["stored"]["held_bytes"]
