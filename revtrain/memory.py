@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import weakref
@@ -175,35 +176,57 @@ def _device_name(device: torch.device) -> str:
 
 
 _RSS_SCRIPT = r"""
-import importlib, json, resource, sys
+import importlib, json, os, resource, sys
 import torch
 spec = json.loads(sys.argv[1])
 module, _, name = spec["factory"].partition(":")
 model, x = getattr(importlib.import_module(module), name)(**spec["kwargs"])
 loss = lambda out: (out[0] if isinstance(out, (tuple, list)) else out).float().square().mean()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-loss(model(x)).backward()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"rss_before_kib": before, "rss_peak_kib": after}))
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key + ":"))
+
+linux = os.path.exists("/proc/self/clear_refs")
+deltas = []
+for _ in range(spec["steps"]):
+    if linux:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set (VmHWM) to the current one
+        before = status("VmRSS")
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss(model(x)).backward()
+    model.zero_grad(set_to_none=True)
+    peak = status("VmHWM") if linux else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    deltas.append(1024 * (peak - before))
+print(json.dumps({"step_deltas_bytes": deltas, "hwm_reset": linux}))
 """
 
 
-def subprocess_peak_rss(factory: str, kwargs: dict | None = None, timeout: float = 600) -> dict:
-    """Process peak RSS of one training step, in a fresh Python process.
+def subprocess_peak_rss(
+    factory: str, kwargs: dict | None = None, steps: int = 2, timeout: float = 600
+) -> dict:
+    """Process peak RSS of training steps, in a fresh Python process.
 
     ``factory`` is ``"package.module:function"``; the function receives ``kwargs`` and returns
-    ``(model, example_input)``. Returns ``peak_delta_bytes``: growth of the peak resident set
-    during the step (a coarse cross-check of :func:`measure_step` on CPU; allocator caching and
-    the first call's one-off allocations are included).
+    ``(model, example_input)``. On Linux the kernel's peak-RSS mark is reset before each step
+    (``/proc/self/clear_refs``), so each figure is that step's own peak over the resident set
+    before it; elsewhere ``ru_maxrss`` growth is used, which reads 0 when an earlier peak was
+    higher. Returns ``peak_delta_bytes`` (the first step, one-off allocations included: later
+    steps reuse memory the allocator kept, so their growth is small) and ``step_deltas_bytes``
+    (every step). A coarse cross-check of :func:`measure_step` on CPU. The child process sees
+    the caller's ``sys.path``, so a factory importable here is importable there.
     """
-    spec = json.dumps({"factory": factory, "kwargs": kwargs or {}})
+    spec = json.dumps({"factory": factory, "kwargs": kwargs or {}, "steps": steps})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     result = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, spec], capture_output=True,
-                            text=True, timeout=timeout, check=False)
+                            text=True, timeout=timeout, check=False, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"subprocess_peak_rss({factory!r}) failed:\n{result.stderr[-2000:]}")
     record = json.loads(result.stdout.strip().splitlines()[-1])
-    record["peak_delta_bytes"] = 1024 * (record["rss_peak_kib"] - record["rss_before_kib"])
-    record["method"] = "process-peak-rss"
+    record["peak_delta_bytes"] = record["step_deltas_bytes"][0]
+    record["method"] = "process-peak-rss" + ("-reset" if record["hwm_reset"] else "")
     return record
 
 
