@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from engine_helpers import stack
 
@@ -39,6 +40,7 @@ def make_stack(depth: int, memory: str):
     return stack(depth, "additive", c=32, memory=memory), torch.randn(8, 32, 32, 32)
 
 
+@pytest.mark.slow
 def test_rss_cross_check_agrees_on_the_ordering():
     rss = {m: subprocess_peak_rss("test_memory:make_stack", {"depth": 24, "memory": m})
            for m in ("reversible", "stored")}
