@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from revtrain.models import create
 
 from revtrain.flows import UniformDequantization, VariationalDequantization, bits_per_dim
+from revtrain.models import create
 
 RESULTS = Path(__file__).resolve().parent / "results" / "flows.json"
 
