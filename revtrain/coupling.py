@@ -221,6 +221,8 @@ class Coupling(InvertibleModule):
         Each sub-network is evaluated once, with grad; that evaluation yields both the rebuilt
         half and the vector-Jacobian product. Returns ``(x, dx, grads of params)``.
         """
+        if isinstance(self.transform, Additive) and type(self.splitter) is ChannelSplit:
+            return self._additive_backward(y, dy, params, rng)
         y1, y2 = self.splitter.split(y.detach())
         dy1, dy2 = self.splitter.split(dy)
         grads: list[Tensor | None] = [None] * len(params)
@@ -233,6 +235,37 @@ class Coupling(InvertibleModule):
         # 2. f(x2) once: rebuild x1, push dy1 (and dlog_det) into dx2 and f's parameters.
         x1, dx1, dx2_f = self._half_backward("f", x2, y1, dy1, dlog_det, params, grads, rng)
         return self.splitter.merge(x1, x2), self.splitter.merge(dx1, dx2 + dx2_f), grads
+
+    def _additive_backward(self, y, dy, params, rng):
+        """The additive case, written straight into the halves of preallocated ``x`` and ``dx``.
+
+        ``x2 = y2 - g(y1)``, ``dx1 = dy1 + g'(y1)^T dy2``, ``x1 = y1 - f(x2)``,
+        ``dx2 = dy2 + f'(x2)^T dx1``: no merge copies, no re-evaluation of the sum.
+        """
+        split = self.splitter.split
+        y = y.detach()
+        (y1, y2), (dy1, dy2) = split(y), split(dy)
+        x, dx = torch.empty_like(y), torch.empty_like(dy)
+        (x1, x2), (dx1, dx2) = split(x), split(dx)
+        grads: list[Tensor | None] = [None] * len(params)
+        if self.g is None:
+            x2.copy_(y2)
+            dx1.copy_(dy1)
+        else:
+            y1_ = y1.detach().requires_grad_(True)
+            with torch.enable_grad(), rng.replay("g"):
+                h = self._params(self.g, "g", y1_, y2)
+            torch.sub(y2, h.detach(), out=x2)
+            (dy1_g,) = _vjp(h, dy2.to(h.dtype), None, None, [y1_], params, grads)
+            torch.add(dy1, dy1_g, out=dx1)
+        x2_ = x2.detach().requires_grad_(True)
+        with torch.enable_grad(), rng.replay("f"):
+            h = self._params(self.f, "f", x2_, y1)
+        # back-propagate before writing x1: x2_ shares x's storage and version counter
+        (dx2_f,) = _vjp(h, dx1.to(h.dtype), None, None, [x2_], params, grads)
+        torch.sub(y1, h.detach(), out=x1)
+        torch.add(dy2, dx2_f, out=dx2)
+        return x, dx, grads
 
     def _half_backward(self, name, cond, y_half, dy_half, dlog_det, params, grads, rng):
         """One sub-network evaluated once: rebuild the half it transformed and back-propagate.
@@ -270,6 +303,8 @@ def _vjp(
 
     Returns the gradients of ``inputs`` (zeros where an input was not used).
     """
+    if not y.requires_grad:  # a sub-network that ignores its input and has no parameters
+        return [torch.zeros_like(x) for x in inputs]
     outputs, grad_outputs = [y], [dy]
     if log_det is not None and dlog_det is not None and log_det.requires_grad:
         outputs.append(log_det)
