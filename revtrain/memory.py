@@ -7,7 +7,10 @@
   so ``current`` is the number of bytes of live storages created inside the measurement and
   ``peak`` its maximum. Work buffers that operators allocate internally and free before
   returning are not tensors and are not counted. The same code gives the same bytes on every
-  run; process peak RSS (:func:`subprocess_peak_rss`) is the coarse cross-check.
+  run; process peak RSS (:func:`subprocess_peak_rss`) is the coarse cross-check. A storage
+  shrunk in place with ``storage().resize_(0)`` while a tensor still refers to it (memcnn frees
+  its inputs that way) keeps being counted at its first size: ``benchmarks/common.py`` has a
+  resize-aware tracker for measuring memcnn.
 """
 
 from __future__ import annotations
