@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from revtrain import MemoryMode, ReversibleSequential
+from revtrain import MemoryMode, ReversibleSequential, set_memory
 
 __all__ = [
     "basic_residual",
@@ -143,14 +143,6 @@ def check_input(x: Tensor, owner: str, channels: int, multiple: int) -> None:
             f"{owner} expects input of shape {expected}, because it downsamples by "
             f"{multiple}; got {tuple(x.shape)}. Pad or crop the image to such a size"
         )
-
-
-def set_memory(module: nn.Module, mode: MemoryMode | str) -> None:
-    """Set the memory mode of every :class:`~revtrain.ReversibleSequential` in ``module``."""
-    mode = MemoryMode.parse(mode)
-    for m in module.modules():
-        if isinstance(m, ReversibleSequential):
-            m.memory = mode
 
 
 def memory_of(module: nn.Module) -> MemoryMode:

@@ -31,7 +31,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from revtrain import Additive, Affine, AffineCoupling, Coupling, MemoryMode, ReversibleSequential
+from revtrain import (
+    Additive,
+    Affine,
+    AffineCoupling,
+    Coupling,
+    MemoryMode,
+    ReversibleSequential,
+)
 from revtrain.base import InvertibleModule
 from revtrain.flows import (
     MLP,
@@ -72,10 +79,7 @@ class FlowModel(InvertibleModule):
 
     @memory.setter
     def memory(self, value: MemoryMode | str) -> None:
-        mode = MemoryMode.parse(value)
-        for m in self.modules():
-            if isinstance(m, ReversibleSequential):
-                m.memory = mode
+        set_memory(self, value)
 
     def log_prob(self, x: Tensor) -> Tensor:
         r""":math:`\log p(x)` per sample, shape ``(batch,)``, in nats."""

@@ -7,7 +7,7 @@ and rebuilds every intermediate in backward, with one extra evaluation of each s
 from .base import InvertibleModule, ReconstructionError, is_invertible
 from .coupling import Additive, AdditiveCoupling, Affine, AffineCoupling, ChannelSplit, Coupling
 from .layers import ChannelPermute, InjectivePad, Squeeze, SwapHalves
-from .sequential import MemoryMode, ReversibleSequential
+from .sequential import MemoryMode, ReversibleSequential, set_memory
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "Squeeze",
     "SwapHalves",
     "is_invertible",
+    "set_memory",
     "models",
 ]
 

@@ -15,7 +15,7 @@ from .base import InvertibleModule, ReconstructionError, has_inverse
 from .engine import ReversibleFunction, StackRun, layer_forward
 from .state import batchnorm_modules, batchnorm_without_update
 
-__all__ = ["MemoryMode", "ReversibleSequential"]
+__all__ = ["MemoryMode", "ReversibleSequential", "set_memory"]
 
 
 class MemoryMode(str, Enum):
@@ -193,6 +193,19 @@ class ReversibleSequential(InvertibleModule):
 
     def extra_repr(self) -> str:
         return f"memory={self.memory.value}"
+
+
+def set_memory(model: nn.Module, memory: MemoryMode | str) -> nn.Module:
+    """Switch every :class:`ReversibleSequential` inside ``model`` to ``memory``; returns it.
+
+    Parameters are untouched: ``set_memory(copy.deepcopy(model), "stored")`` is the model's
+    stored-activation twin.
+    """
+    mode = MemoryMode.parse(memory)
+    for module in model.modules():
+        if isinstance(module, ReversibleSequential):
+            module.memory = mode
+    return model
 
 
 def _checkpoint_contexts(modules):

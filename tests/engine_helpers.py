@@ -45,11 +45,7 @@ def stack(depth: int, kind: str = "additive", c: int = 4, memory: str = "reversi
 
 def twin(model: nn.Module, memory: str) -> nn.Module:
     """A deep copy of ``model`` with every stack switched to ``memory``."""
-    other = copy.deepcopy(model)
-    for m in other.modules():
-        if isinstance(m, revtrain.ReversibleSequential):
-            m.memory = revtrain.MemoryMode(memory)
-    return other
+    return revtrain.set_memory(copy.deepcopy(model), memory)
 
 
 def run_step(model: nn.Module, x: torch.Tensor, seed: int = 0, with_log_det: bool = True):

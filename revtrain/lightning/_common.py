@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sequential import MemoryMode, ReversibleSequential
+from ..sequential import MemoryMode, ReversibleSequential, set_memory
 
 __all__ = ["build_model", "reversible_stacks", "set_memory", "stored_twin", "configure_optim"]
 
@@ -29,15 +29,6 @@ def reversible_stacks(model: nn.Module) -> list[ReversibleSequential]:
         return [model]
     visit(model)
     return stacks
-
-
-def set_memory(model: nn.Module, memory: MemoryMode | str) -> nn.Module:
-    """Switch every :class:`ReversibleSequential` inside ``model`` to ``memory``."""
-    mode = MemoryMode.parse(memory)
-    for module in model.modules():
-        if isinstance(module, ReversibleSequential):
-            module.memory = mode
-    return model
 
 
 def stored_twin(model: nn.Module) -> nn.Module:
