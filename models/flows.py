@@ -38,6 +38,7 @@ from revtrain import (
     Coupling,
     MemoryMode,
     ReversibleSequential,
+    set_memory,
 )
 from revtrain.base import InvertibleModule
 from revtrain.flows import (
