@@ -7,7 +7,8 @@ and rebuilds every intermediate in backward, with one extra evaluation of each s
 from .base import InvertibleModule, ReconstructionError, is_invertible
 from .coupling import Additive, AdditiveCoupling, Affine, AffineCoupling, ChannelSplit, Coupling
 from .layers import ChannelPermute, InjectivePad, Squeeze, SwapHalves
-from .sequential import MemoryMode, ReversibleSequential, set_memory
+from .modes import MemoryMode, set_memory
+from .sequential import ReversibleSequential
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import nullcontext
-from enum import Enum
 from functools import partial
 
 import torch
@@ -13,30 +12,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .base import InvertibleModule, ReconstructionError, has_inverse
 from .engine import ReversibleFunction, StackRun, layer_forward
+from .modes import MemoryMode
 from .state import batchnorm_modules, batchnorm_without_update
 
-__all__ = ["MemoryMode", "ReversibleSequential", "set_memory"]
-
-
-class MemoryMode(str, Enum):
-    """How a stack keeps what backward needs.
-
-    * ``REVERSIBLE``: only the stack's output; every intermediate is rebuilt in backward.
-    * ``CHECKPOINT``: each layer's input (``torch.utils.checkpoint`` per layer).
-    * ``STORED``: everything autograd saves (ordinary PyTorch; the baseline twin).
-    """
-
-    REVERSIBLE = "reversible"
-    CHECKPOINT = "checkpoint"
-    STORED = "stored"
-
-    @classmethod
-    def parse(cls, value: MemoryMode | str) -> MemoryMode:
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"memory={value!r} is not a memory mode; use one of {choices}") from None
+__all__ = ["ReversibleSequential"]
 
 
 class ReversibleSequential(InvertibleModule):
@@ -193,19 +172,6 @@ class ReversibleSequential(InvertibleModule):
 
     def extra_repr(self) -> str:
         return f"memory={self.memory.value}"
-
-
-def set_memory(model: nn.Module, memory: MemoryMode | str) -> nn.Module:
-    """Switch every :class:`ReversibleSequential` inside ``model`` to ``memory``; returns it.
-
-    Parameters are untouched: ``set_memory(copy.deepcopy(model), "stored")`` is the model's
-    stored-activation twin.
-    """
-    mode = MemoryMode.parse(memory)
-    for module in model.modules():
-        if isinstance(module, ReversibleSequential):
-            module.memory = mode
-    return model
 
 
 def _checkpoint_contexts(modules):

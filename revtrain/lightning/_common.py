@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sequential import MemoryMode, ReversibleSequential, set_memory
+from ..modes import MemoryMode, set_memory
+from ..sequential import ReversibleSequential
 
 __all__ = ["build_model", "reversible_stacks", "set_memory", "stored_twin", "configure_optim"]
 
