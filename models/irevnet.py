@@ -47,7 +47,6 @@ from revtrain import (
     SwapHalves,
 )
 from revtrain.base import zero_log_det
-from revtrain.state import RngTape, rng_point
 
 from ._blocks import ClassifierHead, MemoryModeMixin, check_input
 from ._registry import register_model
@@ -86,8 +85,8 @@ class IRevNetBlock(InvertibleModule):
         affine_bn: learnable BatchNorm scale and shift.
 
     Shapes: ``(B, C, H, W) -> (B, C s^2, H / s, W / s)``, volume preserving (log-det 0).
-    :meth:`fused_backward` rebuilds the input and back-propagates with ONE evaluation of
-    :math:`F`.
+    In a reversible stack the block is rebuilt in backward with ONE evaluation of :math:`F`
+    (it is called through :meth:`~revtrain.InvertibleModule.subnet`).
     """
 
     def __init__(self, channels: int, stride: int = 1, preactivate: bool = True, mult: int = 4,
@@ -112,39 +111,15 @@ class IRevNetBlock(InvertibleModule):
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_input(x, type(self).__name__, self.channels, self.stride)
         x1, x2 = x.chunk(2, dim=1)  # (B, C/2, H, W) each
-        rng_point("f")
-        y1 = self._s(x1) + self.f(x2)  # (B, C s^2 / 2, H/s, W/s)
+        y1 = self._s(x1) + self.subnet("f", self.f, x2)  # (B, C s^2 / 2, H/s, W/s)
         y2 = self._s(x2)
         return torch.cat([y2, y1], dim=1), zero_log_det(x)
 
     def inverse(self, y: Tensor) -> Tensor:
         y2, y1 = y.chunk(2, dim=1)
         x2 = self._s_inv(y2)  # (B, C/2, H, W)
-        x1 = self._s_inv(y1 - self.f(x2))
+        x1 = self._s_inv(y1 - self.subnet("f", self.f, x2))
         return torch.cat([x1, x2], dim=1)
-
-    def fused_backward(self, y: Tensor, dy: Tensor, dlog_det: Tensor | None,
-                       params: Sequence[Tensor], rng: RngTape,
-                       ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
-        """Rebuild ``x`` and back-propagate ``dy``: one evaluation of ``F``, with grad.
-
-        :math:`S` is a permutation, so its vector-Jacobian product is :math:`S^{-1}`:
-        :math:`dx_1 = S^{-1}(dy_1)`, :math:`dx_2 = S^{-1}(dy_2) + (\\partial F / \\partial x_2)^T
-        dy_1`. ``dlog_det`` is ignored: the log-det is identically 0.
-        """
-        y2, y1 = y.detach().chunk(2, dim=1)
-        dy2, dy1 = dy.chunk(2, dim=1)
-        x2 = self._s_inv(y2).detach().requires_grad_(True)
-        with torch.enable_grad(), rng.replay("f"):
-            h = self.f(x2)
-        with torch.no_grad():
-            x1 = self._s_inv(y1 - h.detach())
-        found = torch.autograd.grad(h, [x2, *params], dy1, allow_unused=True)
-        dx2 = self._s_inv(dy2)
-        if found[0] is not None:
-            dx2 = dx2 + found[0]
-        x = torch.cat([x1, x2.detach()], dim=1)
-        return x, torch.cat([self._s_inv(dy1), dx2], dim=1), list(found[1:])
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, stride={self.stride}"

@@ -5,10 +5,12 @@ and rebuilds every intermediate in backward, with one extra evaluation of each s
 """
 
 from .base import InvertibleModule, ReconstructionError, is_invertible
+from .conditioning import ConditionalNet, ConditionedStack, broadcast_context
 from .coupling import Additive, AdditiveCoupling, Affine, AffineCoupling, ChannelSplit, Coupling
 from .layers import ChannelPermute, InjectivePad, Squeeze, SwapHalves
 from .modes import MemoryMode, set_memory
 from .sequential import ReversibleSequential
+from .state import is_rebuilding
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,8 @@ __all__ = [
     "AffineCoupling",
     "ChannelPermute",
     "ChannelSplit",
+    "ConditionalNet",
+    "ConditionedStack",
     "Coupling",
     "InjectivePad",
     "InvertibleModule",
@@ -27,7 +31,9 @@ __all__ = [
     "ReversibleSequential",
     "Squeeze",
     "SwapHalves",
+    "broadcast_context",
     "is_invertible",
+    "is_rebuilding",
     "set_memory",
     "models",
 ]

@@ -22,13 +22,12 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
 
 import torch
 from torch import Tensor, nn
 
-from .base import InvertibleModule, zero_log_det
-from .state import RngTape, rng_point
+from .base import InvertibleModule, takes_two_arguments, zero_log_det
 
 __all__ = [
     "Additive",
@@ -74,10 +73,25 @@ class ChannelSplit:
         return f"ChannelSplit(dim={self.dim})"
 
 
-class Additive:
+class _Transform:
+    """Element-wise transforms: ``num_params`` values of the sub-network per transformed element
+    (stacked along the split dimension), ``forward(x, h, dim) -> (y, log_det or None)`` with a
+    log-det of shape ``(batch,)``, and ``inverse(y, h, dim) -> x``."""
+
+    num_params = 1
+
+    @property
+    def factor(self) -> int:
+        """Deprecated name of :attr:`num_params`."""
+        warnings.warn("transform.factor is deprecated; use transform.num_params", DeprecationWarning,
+                      stacklevel=2)
+        return self.num_params
+
+
+class Additive(_Transform):
     r"""Additive transform :math:`y = x + h`, log-det 0 (NICE, RevNet)."""
 
-    factor = 1  # the sub-network outputs one value per transformed element
+    num_params = 1  # the sub-network outputs one value per transformed element
 
     def forward(self, x: Tensor, h: Tensor, dim: int) -> tuple[Tensor, Tensor | None]:
         return x + h, None
@@ -89,7 +103,7 @@ class Additive:
         return "Additive()"
 
 
-class Affine:
+class Affine(_Transform):
     r"""Affine transform :math:`y = x \odot e^{s} + t` with a soft-clamped log-scale.
 
     The sub-network outputs :math:`(\tilde s, t)` concatenated along the split dimension and
@@ -98,7 +112,8 @@ class Affine:
     The log-det is :math:`\sum s` over all non-batch dimensions.
     """
 
-    factor = 2
+    num_params = 2
+    param_names = "scale and shift"
 
     def __init__(self, clamp: float | None = 2.0):
         if clamp is not None and not clamp > 0:
@@ -131,14 +146,19 @@ class Coupling(InvertibleModule):
     Args:
         f: sub-network from :math:`x_2` to the parameters of :math:`T` on :math:`x_1`
             (the shape of :math:`x_1`, with the split dimension multiplied by
-            ``transform.factor``).
+            ``transform.num_params``).
         g: sub-network from :math:`y_1` to the parameters of :math:`T` on :math:`x_2`, or
-            ``None`` for a half coupling (:math:`y_2 = x_2`).
-        transform: the element-wise transform, :class:`Additive` or :class:`Affine`.
+            ``None`` for a half coupling (:math:`y_2 = x_2`). ``g`` may be ``f`` itself (tied
+            weights) when both halves have the same shape.
+        transform: the element-wise transform, :class:`Additive` or :class:`Affine` (any object
+            with ``num_params``, ``forward(x, h, dim) -> (y, log_det or None)`` and
+            ``inverse(y, h, dim)``).
         split: how to split and merge; default :class:`ChannelSplit` along dimension 1.
 
-    In backward, :meth:`fused_backward` rebuilds the input and back-propagates with one
-    evaluation of ``g`` and one of ``f`` (Gomez et al. 2017, Algorithm 1).
+    With a ``context`` (``layer(x, context)``), the sub-networks are called as ``f(x2, context)``
+    and ``g(y1, context)``. In a reversible stack the coupling is rebuilt in backward with one
+    evaluation of ``g`` and one of ``f`` (Gomez et al. 2017, Algorithm 1): its :meth:`inverse`
+    calls them through :meth:`~revtrain.InvertibleModule.subnet`.
     """
 
     def __init__(
@@ -153,170 +173,72 @@ class Coupling(InvertibleModule):
             raise TypeError(f"{type(self).__name__}: f must be an nn.Module, got {type(f)}")
         if g is not None and not isinstance(g, nn.Module):
             raise TypeError(f"{type(self).__name__}: g must be an nn.Module or None, got {type(g)}")
-        if g is f:
-            raise ValueError(
-                f"{type(self).__name__}: f and g are the same module; f maps x2 to x1's shape "
-                "and g maps y1 to x2's shape, so pass two modules (copy.deepcopy(f))"
-            )
         self.f = f
         self.g = g
         self.transform = transform if transform is not None else Additive()
-        self.splitter = split if split is not None else ChannelSplit(1)
+        self.split = split if split is not None else ChannelSplit(1)
 
     @property
     def split_dim(self) -> int:
-        return self.splitter.dim
+        return self.split.dim
 
-    def _params(self, net: nn.Module, name: str, inp: Tensor, target: Tensor) -> Tensor:
-        h = net(inp)
-        dim = self.splitter.dim % target.dim()
+    @property
+    def splitter(self):
+        """Deprecated name of :attr:`split`."""
+        warnings.warn("Coupling.splitter is deprecated; use Coupling.split", DeprecationWarning,
+                      stacklevel=2)
+        return self.split
+
+    def _params(self, name: str, net: nn.Module, inp: Tensor, target: Tensor, context) -> Tensor:
+        if context is not None and not takes_two_arguments(type(net)):
+            raise TypeError(
+                f"{type(self).__name__}: a context was passed, but sub-network {name} "
+                f"({type(net).__name__}) takes no context; give it a forward(x, context), e.g. "
+                "revtrain.ConditionalNet(net, ...), or call the layer without a context")
+        h = self.subnet(name, net, inp) if context is None else self.subnet(name, net, inp, context)
+        dim = self.split.dim % target.dim()
         expected = list(target.shape)
-        expected[dim] *= self.transform.factor
-        if list(h.shape) != expected:
-            per = " (scale and shift)" if self.transform.factor == 2 else ""
+        k = self.transform.num_params
+        expected[dim] *= k
+        if not isinstance(h, Tensor) or list(h.shape) != expected:
+            got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+            per = f" ({getattr(self.transform, 'param_names', f'{k} values per element')})" if k > 1 else ""
             raise ValueError(
-                f"{type(self).__name__}: {name} maps {tuple(inp.shape)} to {tuple(h.shape)}; it "
+                f"{type(self).__name__}: {name} maps {tuple(inp.shape)} to {got}; it "
                 f"must map {'x2' if name == 'f' else 'y1'} ({inp.shape[dim]} ch) to "
                 f"{tuple(expected)}{per}, the shape of {'x1' if name == 'f' else 'x2'} "
-                f"({target.shape[dim]} ch) with dimension {dim} times {self.transform.factor}"
+                f"({target.shape[dim]} ch) with dimension {dim} times {k}"
             )
         return h
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        owner = type(self).__name__
-        self.splitter.check(x, owner)
-        dim = self.splitter.dim
-        x1, x2 = self.splitter.split(x)
-        rng_point("f")
-        y1, ld1 = self.transform.forward(x1, self._params(self.f, "f", x2, x1), dim)
+    def forward_and_log_det(self, x: Tensor, context=None) -> tuple[Tensor, Tensor]:
+        self.split.check(x, type(self).__name__)
+        dim = self.split.dim
+        x1, x2 = self.split.split(x)
+        y1, ld1 = self.transform.forward(x1, self._params("f", self.f, x2, x1, context), dim)
         if self.g is None:
             y2, ld2 = x2, None
         else:
-            rng_point("g")
-            y2, ld2 = self.transform.forward(x2, self._params(self.g, "g", y1, x2), dim)
+            y2, ld2 = self.transform.forward(x2, self._params("g", self.g, y1, x2, context), dim)
         log_det = zero_log_det(x)
         for ld in (ld1, ld2):
             if ld is not None:
                 log_det = log_det + ld
-        return self.splitter.merge(y1, y2), log_det
+        return self.split.merge(y1, y2), log_det
 
-    def inverse(self, y: Tensor) -> Tensor:
-        self.splitter.check(y, type(self).__name__)
-        dim = self.splitter.dim
-        y1, y2 = self.splitter.split(y)
-        x2 = y2 if self.g is None else self.transform.inverse(y2, self._params(self.g, "g", y1, y2), dim)
-        x1 = self.transform.inverse(y1, self._params(self.f, "f", x2, y1), dim)
-        return self.splitter.merge(x1, x2)
-
-    def fused_backward(
-        self,
-        y: Tensor,
-        dy: Tensor,
-        dlog_det: Tensor | None,
-        params: Sequence[Tensor],
-        rng: RngTape,
-    ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
-        """Rebuild ``x`` from ``y`` and back-propagate ``(dy, dlog_det)`` through the layer.
-
-        Each sub-network is evaluated once, with grad; that evaluation yields both the rebuilt
-        half and the vector-Jacobian product. Returns ``(x, dx, grads of params)``.
-        """
-        if isinstance(self.transform, Additive) and type(self.splitter) is ChannelSplit:
-            return self._additive_backward(y, dy, params, rng)
-        y1, y2 = self.splitter.split(y.detach())
-        dy1, dy2 = self.splitter.split(dy)
-        grads: list[Tensor | None] = [None] * len(params)
+    def inverse(self, y: Tensor, context=None) -> Tensor:
+        self.split.check(y, type(self).__name__)
+        dim = self.split.dim
+        y1, y2 = self.split.split(y)
         if self.g is None:
-            x2, dx2 = y2, dy2
+            x2 = y2
         else:
-            # 1. g(y1) once: rebuild x2, push dy2 (and dlog_det) into dy1 and g's parameters.
-            x2, dx2, dy1_g = self._half_backward("g", y1, y2, dy2, dlog_det, params, grads, rng)
-            dy1 = dy1 + dy1_g
-        # 2. f(x2) once: rebuild x1, push dy1 (and dlog_det) into dx2 and f's parameters.
-        x1, dx1, dx2_f = self._half_backward("f", x2, y1, dy1, dlog_det, params, grads, rng)
-        return self.splitter.merge(x1, x2), self.splitter.merge(dx1, dx2 + dx2_f), grads
-
-    def _additive_backward(self, y, dy, params, rng):
-        """The additive case, written straight into the halves of preallocated ``x`` and ``dx``.
-
-        ``x2 = y2 - g(y1)``, ``dx1 = dy1 + g'(y1)^T dy2``, ``x1 = y1 - f(x2)``,
-        ``dx2 = dy2 + f'(x2)^T dx1``: no merge copies, no re-evaluation of the sum.
-        """
-        split = self.splitter.split
-        y = y.detach()
-        (y1, y2), (dy1, dy2) = split(y), split(dy)
-        x, dx = torch.empty_like(y), torch.empty_like(dy)
-        (x1, x2), (dx1, dx2) = split(x), split(dx)
-        grads: list[Tensor | None] = [None] * len(params)
-        if self.g is None:
-            x2.copy_(y2)
-            dx1.copy_(dy1)
-        else:
-            y1_ = y1.detach().requires_grad_(True)
-            with torch.enable_grad(), rng.replay("g"):
-                h = self._params(self.g, "g", y1_, y2)
-            torch.sub(y2, h.detach(), out=x2)
-            (dy1_g,) = _vjp(h, dy2.to(h.dtype), None, None, [y1_], params, grads)
-            torch.add(dy1, dy1_g, out=dx1)
-        x2_ = x2.detach().requires_grad_(True)
-        with torch.enable_grad(), rng.replay("f"):
-            h = self._params(self.f, "f", x2_, y1)
-        # back-propagate before writing x1: x2_ shares x's storage and version counter
-        (dx2_f,) = _vjp(h, dx1.to(h.dtype), None, None, [x2_], params, grads)
-        torch.sub(y1, h.detach(), out=x1)
-        torch.add(dy2, dx2_f, out=dx2)
-        return x, dx, grads
-
-    def _half_backward(self, name, cond, y_half, dy_half, dlog_det, params, grads, rng):
-        """One sub-network evaluated once: rebuild the half it transformed and back-propagate.
-
-        ``cond`` is the sub-network's input (``x2`` for ``f``, ``y1`` for ``g``), ``y_half`` the
-        half it transformed. Returns ``(x_half, d x_half, d cond)``; parameter gradients are
-        added to ``grads``.
-        """
-        dim = self.splitter.dim
-        cond_ = cond.detach().requires_grad_(True)
-        with torch.enable_grad(), rng.replay(name):
-            h = self._params(self.f if name == "f" else self.g, name, cond_, y_half)
-        with torch.no_grad():
-            x_half = self.transform.inverse(y_half, h.detach(), dim)
-        x_half_ = x_half.requires_grad_(True)
-        with torch.enable_grad():
-            y_re, log_det = self.transform.forward(x_half_, h, dim)
-        dx_half, dcond = _vjp(y_re, dy_half, log_det, dlog_det, [x_half_, cond_], params, grads)
-        return x_half_.detach(), dx_half, dcond
+            x2 = self.transform.inverse(y2, self._params("g", self.g, y1, y2, context), dim)
+        x1 = self.transform.inverse(y1, self._params("f", self.f, x2, y1, context), dim)
+        return self.split.merge(x1, x2)
 
     def extra_repr(self) -> str:
-        return f"transform={self.transform!r}, split={self.splitter!r}"
-
-
-def _vjp(
-    y: Tensor,
-    dy: Tensor,
-    log_det: Tensor | None,
-    dlog_det: Tensor | None,
-    inputs: list[Tensor],
-    params: Sequence[Tensor],
-    grads: list[Tensor | None],
-) -> list[Tensor]:
-    """Vector-Jacobian product of ``(y, log_det)``; accumulates parameter grads in ``grads``.
-
-    Returns the gradients of ``inputs`` (zeros where an input was not used).
-    """
-    if not y.requires_grad:  # a sub-network that ignores its input and has no parameters
-        return [torch.zeros_like(x) for x in inputs]
-    outputs, grad_outputs = [y], [dy]
-    if log_det is not None and dlog_det is not None and log_det.requires_grad:
-        outputs.append(log_det)
-        grad_outputs.append(dlog_det)
-    found = torch.autograd.grad(
-        outputs, [*inputs, *params], grad_outputs, allow_unused=True, materialize_grads=False
-    )
-    n = len(inputs)
-    for i, grad in enumerate(found[n:]):
-        if grad is not None:
-            grads[i] = grad if grads[i] is None else grads[i] + grad
-    return [torch.zeros_like(x) if d is None else d for x, d in zip(inputs, found[:n])]
+        return f"transform={self.transform!r}, split={self.split!r}"
 
 
 class AdditiveCoupling(Coupling):

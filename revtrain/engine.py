@@ -1,72 +1,112 @@
-"""The reversible engine: run a stack of invertible layers keeping only its output.
+"""The reversible engine: ordinary autograd, without the saved activations.
 
-:class:`ReversibleFunction` is one ``torch.autograd.Function`` per stack call. Its forward
-runs every layer without building a graph and saves only the final output. Its backward walks
-the layers from last to first; each layer rebuilds its input from its output and
-back-propagates once:
+A call of a reversible stack runs every layer normally, with grad, so the autograd graph is
+exactly the one of the stored twin: parameter and tensor hooks, module backward hooks,
+tensors read from outside the stack, ``torch.func.functional_call``, DDP and FSDP see ordinary
+autograd. Only what the graph *saves* changes. While the stack runs, a
+``torch.autograd.graph.saved_tensors_hooks`` pack hook replaces every saved tensor by a handle
+(its layer, a frame name and a position) and keeps only a weak reference to it; the stack keeps
+its output, its context and, for layers that draw random numbers, their generator states.
 
-* a layer with ``fused_backward`` (every :class:`~revtrain.Coupling`) evaluates each of its
-  sub-networks exactly once more, with grad, and that evaluation gives both the rebuilt input
-  and the gradients (Gomez et al. 2017, Algorithm 1);
-* any other invertible layer (ActNorm, 1x1 conv, squeeze, memcnn modules) runs ``inverse``
-  without grad and its forward again with grad.
+In backward, the first unpack of a handle of layer ``i`` rebuilds that layer:
 
-The parameters of the stack are inputs of the autograd function, so their gradients leave
-backward through ordinary autograd: ``torch.autograd.grad``, ``backward(inputs=...)``, gradient
-hooks (once per backward, as DDP needs) and shared weights behave as with stored activations.
+* its input is rebuilt from its output (the stack output for the last layer, the rebuilt input
+  of layer ``i + 1`` otherwise) with ``inverse``. A layer that calls its sub-networks through
+  :meth:`~revtrain.InvertibleModule.subnet` (every :class:`~revtrain.Coupling`) has each
+  sub-network evaluated there once, with grad, under a capture hook that collects what that
+  evaluation saves (frame ``"f"``, ``"g"``, ...); the element-wise operations around them are
+  re-run with the recorded sub-network outputs to regenerate the rest (frame ``""``), and are
+  skipped when they saved nothing (additive couplings). One extra evaluation per sub-network.
+* any other invertible layer (ActNorm, 1x1 convolution, memcnn couplings) is inverted, then run
+  forward again under the capture hook.
+* a layer whose input is still alive (the stack's input held by the caller), or whose input the
+  stack kept (a layer that draws random numbers outside sub-networks), is simply run forward again
+  from it.
+
+Each unpack then hands the original graph node the rebuilt tensor at the same frame and position,
+so the graph's own backward formulas compute every vector-Jacobian product. Saved tensors that are
+still alive at backward (parameters, the caller's tensors, activations someone else keeps) are
+returned as they are, with PyTorch's in-place version check. Everything rebuilt for a backward pass
+is released when the pass ends.
+
+Replayed for each rebuild: random numbers (per sub-network, inside ``torch.random.fork_rng``),
+the autocast state, the tensors bound to every parameter and buffer name, and buffer values
+(:class:`revtrain.state.ModuleState`). Checked: number, shapes and dtypes of the saved tensors,
+in-place changes of anything the rebuild reads.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from .base import InvertibleModule, ReconstructionError
-from .state import AutocastState, RngTape, batchnorm_modules, cuda_devices_of, frozen_batchnorm
+from .base import InvertibleModule, ReconstructionError, _local, accepts_context
+from .state import AutocastState, ModuleState, RngState, cuda_devices_of, rebuilding
 
-__all__ = ["ReversibleFunction", "StackRun", "layer_forward", "layer_backward", "Fingerprint"]
+__all__ = ["ReversibleCall", "call_layer", "layer_forward", "layer_inverse", "Fingerprint", "flatten_context",
+           "current_recorder", "recording", "Recorder", "INLINE", "CHECKPOINT"]
+
+_GONE = object()  # a rebuilt tensor already handed to its node
 
 
-def layer_forward(layer: nn.Module, x: Tensor, want_log_det: bool) -> tuple[Tensor, Tensor | None]:
-    """``(y, log_det)`` of a layer; ``log_det`` is ``None`` when not wanted or not defined."""
+def flatten_context(context) -> tuple[Tensor, ...]:
+    """The tensors of a context (a tensor, a tuple / list of tensors, or ``None``)."""
+    if context is None:
+        return ()
+    if isinstance(context, Tensor):
+        return (context,)
+    if isinstance(context, (tuple, list)):
+        return tuple(t for t in context if isinstance(t, Tensor))
+    raise TypeError(f"context must be a tensor or a tuple of tensors, got {type(context).__name__}")
+
+
+def _describe(index: int, layer: nn.Module) -> str:
+    return f"ReversibleSequential: layer {index} ({type(layer).__name__})"
+
+
+def call_layer(layer: nn.Module, x: Tensor, context, want_log_det: bool):
+    """Call one layer as a module (so that its hooks run): ``y``, or ``(y, log_det)`` when
+    ``want_log_det`` and the layer is a revtrain layer. ``context`` is passed to layers whose
+    signature takes it."""
+    args = (x, context) if context is not None and accepts_context(layer) else (x,)
+    if not (want_log_det and isinstance(layer, InvertibleModule)):
+        return layer(*args)
+    if getattr(type(layer), "_log_det_through_call", False) or \
+            type(layer).forward is InvertibleModule.forward:
+        previous = getattr(_local, "log_det_for", None)
+        _local.log_det_for = layer
+        try:
+            out = layer(*args)
+        finally:
+            _local.log_det_for = previous
+    else:  # a subclass with its own forward: ask for the log-det directly
+        out = layer.forward_and_log_det(*args)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Tensor)):
+        raise TypeError(f"{type(layer).__name__}.forward_and_log_det must return (y, log_det), "
+                        f"got {type(out).__name__}")
+    return out
+
+
+def layer_forward(layer: nn.Module, x: Tensor, context, want_log_det: bool
+                  ) -> tuple[Tensor, Tensor | None]:
+    """``(y, log_det)`` of one layer (see :func:`call_layer`); ``log_det`` is ``None`` when it is
+    not wanted or the layer has none (non-revtrain layers)."""
+    out = call_layer(layer, x, context, want_log_det)
     if want_log_det and isinstance(layer, InvertibleModule):
-        return layer.forward_and_log_det(x)
-    return layer(x), None
+        return out
+    return out, None
 
 
-def layer_backward(
-    layer: nn.Module,
-    y: Tensor,
-    dy: Tensor,
-    dlog_det: Tensor | None,
-    params: Sequence[Tensor],
-    rng: RngTape,
-) -> tuple[Tensor, Tensor, list[Tensor | None]]:
-    """Rebuild a layer's input from its output and back-propagate through the layer once.
-
-    Returns ``(x, dx, grads)`` with ``grads`` aligned with ``params`` (``None`` where unused).
-    """
-    fused = getattr(layer, "fused_backward", None)
-    if fused is not None:
-        return fused(y, dy, dlog_det, params, rng)
-    with torch.no_grad(), rng.replay():
-        x = layer.inverse(y)
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), rng.replay():
-        y_re, log_det = layer_forward(layer, x, dlog_det is not None)
-    outputs, grad_outputs = [y_re], [dy]
-    if log_det is not None and log_det.requires_grad:
-        outputs.append(log_det)
-        grad_outputs.append(dlog_det)
-    if not y_re.requires_grad:
-        return x.detach(), torch.zeros_like(x), [None] * len(params)
-    found = torch.autograd.grad(outputs, [x, *params], grad_outputs, allow_unused=True)
-    dx = found[0] if found[0] is not None else torch.zeros_like(x)
-    return x.detach(), dx, list(found[1:])
+def layer_inverse(layer: nn.Module, y: Tensor, context) -> Tensor:
+    """``layer.inverse(y)``, with ``context`` for layers whose ``inverse`` takes it."""
+    if context is not None and accepts_context(layer, "inverse"):
+        return layer.inverse(y, context)
+    return layer.inverse(y)
 
 
 class Fingerprint:
@@ -76,8 +116,8 @@ class Fingerprint:
 
     def __init__(self, x: Tensor):
         flat = x.detach().reshape(-1)
-        self.index = torch.linspace(0, flat.numel() - 1, min(self.samples, flat.numel()),
-                                    device=x.device).long()
+        n = min(self.samples, flat.numel())
+        self.index = torch.linspace(0, max(flat.numel() - 1, 0), n, device=x.device).long()
         self.values = flat[self.index].clone()
         self.shape = x.shape
 
@@ -85,6 +125,8 @@ class Fingerprint:
         """The largest deviation if it exceeds ``tol`` (relative to the values), else ``None``."""
         if x.shape != self.shape:
             return float("inf")
+        if self.values.numel() == 0:
+            return None
         rebuilt = x.detach().reshape(-1)[self.index]
         error = (rebuilt - self.values).abs().max()
         scale = 1.0 + self.values.abs().max()
@@ -93,134 +135,522 @@ class Fingerprint:
         return None
 
 
-def _name(index: int, layer: nn.Module) -> str:
-    return f"layer {index} ({type(layer).__name__})"
+def _dead():
+    return None
 
 
-class StackRun:
-    """What one call of a stack needs in backward: layers, their parameters, options."""
+class _Saved:
+    """What the forward pass knew of one saved tensor: a weak reference, its version, its type."""
 
-    __slots__ = ("layers", "layer_params", "layer_batchnorms", "params", "preserve_rng_state",
-                 "check_tolerance")
+    __slots__ = ("ref", "version", "shape", "dtype")
 
-    def __init__(self, layers: Sequence[nn.Module], preserve_rng_state: bool,
-                 check_tolerance: float | None):
-        self.layers = list(layers)
-        self.layer_params = [[p for p in layer.parameters() if p.requires_grad]
-                             for layer in self.layers]
-        self.layer_batchnorms = [batchnorm_modules(layer) for layer in self.layers]
-        seen: dict[int, Tensor] = {}
-        for ps in self.layer_params:
-            for p in ps:
-                seen.setdefault(id(p), p)
-        self.params = list(seen.values())  # each shared parameter once
-        self.preserve_rng_state = preserve_rng_state
-        self.check_tolerance = check_tolerance
-
-    def owner_of(self, param: Tensor) -> str:
-        for i, ps in enumerate(self.layer_params):
-            if any(p is param for p in ps):
-                return _name(i, self.layers[i])
-        return "the stack"
+    def __init__(self, t: Tensor):
+        self.ref = weakref.ref(t)
+        self.version = t._version
+        self.shape = t.shape
+        self.dtype = t.dtype
 
 
-class ReversibleFunction(torch.autograd.Function):
-    """Forward keeps only the stack's output; backward rebuilds every intermediate.
+class _Kept:
+    """A tensor saved outside any layer (the stack's own operations): kept as it is."""
 
-    Inputs: ``(run, want_log_det, x, *run.params)`` with ``run`` a :class:`StackRun`.
-    Outputs: ``y``, or ``(y, log_det)`` when ``want_log_det``.
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t: Tensor):
+        self.tensor = t.detach()
+        self.version = t._version
+
+
+class _Subnet:
+    """One sub-network evaluation of a layer's forward."""
+
+    __slots__ = ("flags", "out_flag", "start", "end", "rng")
+
+    def __init__(self, flags, start: RngState | None):
+        self.flags = flags  # requires_grad of each tensor argument, as in forward
+        self.out_flag = False
+        self.start = start
+        self.end: RngState | None = None
+        self.rng: RngState | None = None  # kept generator states, when it drew random numbers
+
+
+class _Leaf:
+    """One layer of one stack call: what its rebuild needs."""
+
+    __slots__ = ("layer", "index", "frames", "subnets", "input_ref", "input_version", "input_flag",
+                 "held_input", "rng", "module_state", "fingerprint", "want_log_det", "captured",
+                 "rebuilt", "passed_input", "result", "output_ref")
+
+    def __init__(self, layer: nn.Module, index: int, x: Tensor, want_log_det: bool):
+        self.layer, self.index, self.want_log_det = layer, index, want_log_det
+        self.frames: dict[str, list[_Saved]] = {"": []}
+        self.subnets: dict[str, _Subnet] = {}
+        self.input_ref = weakref.ref(x)
+        self.input_version = x._version
+        self.input_flag = x.requires_grad
+        self.held_input: Tensor | None = None
+        self.rng: RngState | None = None  # generator states at the start, when it drew numbers
+        self.module_state = ModuleState()
+        self.fingerprint: Fingerprint | None = None
+        self.captured: dict[str, list] | None = None
+        self.output_ref = _dead
+        self.rebuilt: Tensor | None = None
+        self.passed_input: Tensor | None = x
+        self.result = None
+
+
+# recorder modes
+RECORD, RECOMPUTE, INVERT, GLUE, INLINE, CHECKPOINT = (
+    "record", "recompute", "invert", "glue", "inline", "checkpoint")
+
+
+class _Recorder:
+    """What the engine is doing in this thread for one layer (``owner``).
+
+    :func:`revtrain.base.call_subnet`, :meth:`InvertibleModule.forward` and the saved-tensor
+    hooks consult it: it names the frame that saved tensors belong to and decides how a
+    sub-network call is served (evaluated and recorded, evaluated with capture and replayed
+    random numbers, or answered with a recorded output).
     """
 
-    @staticmethod
-    def forward(ctx, run: StackRun, want_log_det: bool, x: Tensor, *params: Tensor):
-        devices = cuda_devices_of([x, *params])
-        tol = run.check_tolerance
-        tapes, prints = [], []
+    __slots__ = ("mode", "owner", "call", "leaf", "frames", "frame", "frame_name", "provided", "state")
+
+    def __init__(self, mode: str, owner: nn.Module, call: ReversibleCall | None, leaf: _Leaf | None,
+                 frames: dict | None = None, state: ModuleState | None = None):
+        self.mode, self.owner, self.call, self.leaf = mode, owner, call, leaf
+        self.state = state if state is not None else (leaf.module_state if leaf is not None else None)
+        self.frames = frames if frames is not None else (leaf.frames if mode == RECORD else {})
+        self.frame_name = ""
+        self.frame = self.frames.setdefault("", [])
+        self.provided: dict[str, Tensor] = {}
+
+    def _where(self) -> str:
+        return _describe(self.leaf.index, self.owner)
+
+    def note_call(self, module: nn.Module, x: Tensor, result) -> None:
+        """Called by ``InvertibleModule.forward`` of the owner with its input and its result."""
+        if self.mode == CHECKPOINT:
+            self.state.refresh()
+        elif self.mode == RECORD:
+            self.state.refresh()
+            if not _aliases(x, self.leaf.passed_input):
+                raise RuntimeError(
+                    f"{self._where()}: a forward pre-hook replaced the layer's input; a reversible "
+                    "stack cannot invert through it. Change the input outside the stack, or use "
+                    "memory='stored' or 'checkpoint'")
+            self.leaf.result = result
+
+    def subnet(self, name: str, net: nn.Module, args: tuple):
+        mode = self.mode
+        if mode == RECORD:
+            return self._record(name, net, args)
+        if mode == RECOMPUTE:
+            return self._in_frame(name, net, args)
+        if mode == INVERT:
+            return self._evaluate(name, net, args)
+        if mode == GLUE:
+            if name not in self.provided:
+                raise ReconstructionError(f"{self._where()}: forward evaluates sub-network {name!r}, "
+                                          "which inverse did not")
+            return self.provided.pop(name)
+        return net(*args)
+
+    def _in_frame(self, name, net, args):
+        previous, previous_name = self.frame, self.frame_name
+        self.frame, self.frame_name = self.frames.setdefault(name, []), name
+        try:
+            return net(*args)
+        finally:
+            self.frame, self.frame_name = previous, previous_name
+
+    def _record(self, name, net, args):
+        leaf = self.leaf
+        if name in leaf.subnets:
+            raise RuntimeError(f"{self._where()}: sub-network name {name!r} is used twice in one "
+                               "forward; give each sub-network evaluation its own name")
+        devices = self.call.devices
+        record = _Subnet(tuple(a.requires_grad if isinstance(a, Tensor) else None for a in args),
+                         RngState.take(devices) if self.call.preserve_rng_state else None)
+        leaf.subnets[name] = record
+        out = self._in_frame(name, net, args)
+        if record.start is not None:
+            record.end = RngState.take(devices)
+        record.out_flag = isinstance(out, Tensor) and out.requires_grad
+        return out
+
+    def _evaluate(self, name, net, args):
+        record = self.leaf.subnets.get(name)
+        if record is None:
+            raise ReconstructionError(f"{self._where()}: inverse evaluates sub-network {name!r}, "
+                                      "which forward did not")
+        if name in self.provided:
+            raise ReconstructionError(f"{self._where()}: inverse evaluates sub-network {name!r} twice")
+        if len(args) != len(record.flags):
+            raise ReconstructionError(f"{self._where()}: sub-network {name!r} takes {len(record.flags)} "
+                                      f"arguments in forward but {len(args)} in inverse")
+        args = tuple(a.detach().requires_grad_(flag) if isinstance(a, Tensor) and flag is not None else a
+                     for a, flag in zip(args, record.flags))
+        with torch.enable_grad(), (record.rng.replay() if record.rng is not None else nullcontext()):
+            out = self._in_frame(name, net, args)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{self._where()}: sub-network {name!r} must return a tensor")
+        self.provided[name] = out.detach().requires_grad_(record.out_flag)
+        return out.detach()
+
+
+def _aliases(a, b) -> bool:
+    """Whether ``a`` and ``b`` are the same tensors, or views of the same memory with the same
+    geometry (module backward hooks hand a layer such views of its input and output)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_aliases(p, q) for p, q in zip(a, b))
+    if a is b:
+        return True
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+        return False
+    return (a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr())
+
+
+@contextmanager
+def recording(recorder: _Recorder | None):
+    previous = getattr(_local, "recorder", None)
+    _local.recorder = recorder
+    try:
+        yield recorder
+    finally:
+        _local.recorder = previous
+
+
+Recorder = _Recorder
+
+
+def current_recorder() -> _Recorder | None:
+    return getattr(_local, "recorder", None)
+
+
+def _never_unpacked(_):  # the rebuild's own graph is thrown away
+    raise RuntimeError("revtrain: a graph built during a rebuild was back-propagated")
+
+
+class ReversibleCall:
+    """One call of a reversible stack: runs its layers and rebuilds them in backward.
+
+    Args:
+        context: the stack's context (kept, checked for in-place changes).
+        preserve_rng_state: record and replay random numbers.
+        tolerance: reconstruction-check tolerance, or ``None``.
+        devices: CUDA devices whose random generators to record.
+    """
+
+    def __init__(self, context, preserve_rng_state: bool, tolerance: float | None,
+                 devices: tuple[int, ...]):
+        self.context = context
+        self.context_tensors = flatten_context(context)
+        self.context_versions = tuple(t._version for t in self.context_tensors)
+        self.preserve_rng_state = preserve_rng_state
+        self.tolerance = tolerance
+        self.devices = devices
+        self.autocast = AutocastState()
+        self.leaves: list[_Leaf] = []
+        self.output: Tensor | None = None
+        self.output_version = 0
+        self.finite: Tensor | None = None  # deferred finiteness flag (CUDA)
+        self._cleanup_queued = False
+
+    # ------------------------------------------------------------------ forward
+
+    def run(self, layers: Sequence[nn.Module], x: Tensor, want_log_det: bool
+            ) -> tuple[Tensor, Tensor | None]:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            y, log_det = self.run_layers(layers, x, want_log_det)
+        self.output = y.detach()
+        self.output_version = y._version
+        return y, log_det
+
+    def run_layers(self, layers: Sequence[nn.Module], x: Tensor, want_log_det: bool):
+        """Run ``layers`` in order; nested stacks are run inline as further layers."""
+        from .sequential import ReversibleSequential
+
         log_det = None
-        y = x
-        for i, layer in enumerate(run.layers):
-            if tol is not None:
-                prints.append(Fingerprint(y))
-            tape = RngTape(devices)
-            with tape.recording():
-                y, ld = layer_forward(layer, y, want_log_det)
-            if tape.consumed and not run.preserve_rng_state:
-                warnings.warn(
-                    f"ReversibleSequential: {_name(i, layer)} drew random numbers (dropout?) "
-                    "but preserve_rng_state=False, so backward will use other random numbers "
-                    "and the gradients will be wrong; keep preserve_rng_state=True",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                tape.states = None
-            tapes.append(tape)
+        for layer in layers:
+            if isinstance(layer, ReversibleSequential):
+                inline = _Recorder(INLINE, layer, self, None)
+                inline.provided = {"input": x}
+                first = len(self.leaves)
+                with recording(inline):
+                    y, ld = layer_forward(layer, x, self.context, want_log_det)
+                last = self.leaves[-1] if len(self.leaves) > first else None
+                if last is not None and not _aliases(y, last.output_ref()):
+                    raise RuntimeError(
+                        f"{_describe(last.index, last.layer)}: a forward hook on the nested stack "
+                        f"{type(layer).__name__} replaced its output; a reversible stack cannot "
+                        "invert through it. Change the output outside the stack, or use "
+                        "memory='stored' or 'checkpoint'")
+            else:
+                y, ld = self._run_leaf(layer, x, want_log_det)
             if ld is not None:
                 log_det = ld if log_det is None else log_det + ld
-            if tol is not None and not torch.isfinite(y).all():
-                raise ReconstructionError(
-                    f"ReversibleSequential: {_name(i, layer)} produced NaN or Inf in forward; "
-                    "a non-finite output cannot be inverted (check the input and the weights)"
-                )
-        if y is x:  # an empty or identity stack: autograd needs a new tensor
-            y = x.clone()
-        ctx.run = run
-        ctx.tapes = tapes
-        ctx.prints = prints
-        ctx.autocast = AutocastState()
-        ctx.versions = [p._version for p in params]
-        ctx.save_for_backward(y)
-        if want_log_det:
-            if log_det is None:
-                log_det = x.new_zeros(x.shape[0])
-            return y, log_det
-        return y
+            x = y
+        return x, log_det
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy: Tensor | None, dlog_det: Tensor | None = None):
-        run: StackRun = ctx.run
-        try:
-            (y,) = ctx.saved_tensors
-        except RuntimeError as error:
+    def _run_leaf(self, layer: nn.Module, x: Tensor, want_log_det: bool):
+        leaf = _Leaf(layer, len(self.leaves), x, want_log_det)
+        self.leaves.append(leaf)
+        where = _describe(leaf.index, layer)
+        if self.tolerance is not None:
+            leaf.fingerprint = Fingerprint(x)
+        leaf.module_state.begin(layer)
+        start = RngState.take(self.devices)
+        with recording(_Recorder(RECORD, layer, self, leaf)):
+            out = call_layer(layer, x, self.context, want_log_det)
+        leaf.passed_input = None
+        if leaf.result is not None and not _aliases(leaf.result, out):
+            raise RuntimeError(f"{where}: a forward hook replaced the layer's output; a reversible "
+                               "stack cannot invert through it. Change the output outside the "
+                               "stack, or use memory='stored' or 'checkpoint'")
+        leaf.result = None
+        y, log_det = out if want_log_det and isinstance(layer, InvertibleModule) else (out, None)
+        if not isinstance(y, Tensor):
+            raise TypeError(f"{where} returned a {type(y).__name__}, not a tensor; a layer of a "
+                            "reversible stack maps one tensor to one tensor")
+        leaf.output_ref = weakref.ref(y)
+        leaf.module_state.finish()
+        end = RngState.take(self.devices)
+        if not start.same_as(end):
+            if self.preserve_rng_state:
+                self._keep_rng(leaf, x, start, end)
+            else:
+                warn_unreplayed(where)
+        if self.tolerance is not None and not torch.isfinite(y).all():
+            raise ReconstructionError(f"{where} produced NaN or Inf in forward; a non-finite output "
+                                      "cannot be inverted (check the input and the weights)")
+        return y, log_det
+
+    def _keep_rng(self, leaf: _Leaf, x: Tensor, start: RngState, end: RngState) -> None:
+        """Keep the generator states a replay of ``leaf`` needs (it drew random numbers)."""
+        subnets = list(leaf.subnets.values())
+        points = [start]
+        for s in subnets:
+            points += [s.start, s.end]
+        points.append(end)
+        glue_drew = any(not a.same_as(b) for a, b in zip(points[::2], points[1::2]))
+        leaf.rng = start.kept(since=end)
+        for s in subnets:
+            if not s.start.same_as(s.end):
+                s.rng = leaf.rng if s.start.same_as(start) else s.start.kept(since=s.end)
+            s.start = s.end = None
+        if glue_drew or not subnets:
+            # random numbers outside sub-networks cannot be replayed by the inverse: keep the
+            # input and run the layer forward again from it in backward
+            leaf.held_input = x
+
+    # ------------------------------------------------------------------ saved tensor hooks
+
+    def _pack(self, t: Tensor):
+        recorder = getattr(_local, "recorder", None)
+        if recorder is None or recorder.call is not self or recorder.mode != RECORD:
+            return _Kept(t)
+        frame = recorder.frame
+        frame.append(_Saved(t))
+        return (recorder.leaf.index, recorder.frame_name, len(frame) - 1)
+
+    def _unpack(self, packed):
+        if packed.__class__ is _Kept:
+            if packed.tensor._version != packed.version:
+                raise _modified_error("a tensor saved by the stack")
+            return packed.tensor
+        index, key, pos = packed
+        leaf = self.leaves[index]
+        saved = leaf.frames[key][pos]
+        if torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1:
             raise RuntimeError(
-                "ReversibleSequential: cannot run backward. Either the stack's output was "
-                "changed in place before backward (clone it before modifying it, e.g. "
-                "`out = stack(x).clone()`), or backward already ran through this graph "
-                f"(pass retain_graph=True to the first backward). PyTorch said: {error}"
-            ) from error
-        needs = ctx.needs_input_grad[3:]
-        for p, version in zip(run.params, ctx.versions):
-            if p._version != version:
+                "ReversibleSequential: double backward (create_graph=True) through a reversible "
+                "stack is not supported; use memory='checkpoint' or memory='stored' for "
+                "higher-order gradients")
+        t = saved.ref()
+        if t is not None:
+            if t._version != saved.version:
+                raise _modified_error(f"a tensor saved by {_describe(index, leaf.layer)}")
+            if leaf.captured is not None:
+                leaf.captured[key][pos] = _GONE
+            return t
+        captured = leaf.captured
+        if captured is None or captured[key][pos] is _GONE:
+            self._rebuild(index)
+            captured = leaf.captured
+        t = captured[key][pos]
+        captured[key][pos] = _GONE
+        return t
+
+    def _capture(self, t: Tensor):
+        _local.recorder.frame.append((t, t._version))
+        return None
+
+    # ------------------------------------------------------------------ backward
+
+    def _forward_input(self, leaf: _Leaf) -> Tensor | None:
+        if leaf.held_input is not None:
+            return leaf.held_input
+        x = leaf.input_ref()
+        if x is not None and x._version == leaf.input_version:
+            return x
+        return None
+
+    def _rebuild(self, index: int) -> None:
+        """Rebuild leaf ``index``, first rebuilding the later leaves its output depends on."""
+        n = len(self.leaves)
+        chain = [index]
+        k = index
+        while self._forward_input(self.leaves[k]) is None and k + 1 < n:
+            nxt = self.leaves[k + 1]
+            if nxt.rebuilt is not None or self._forward_input(nxt) is not None:
+                break
+            k += 1
+            chain.append(k)
+        for k in reversed(chain):
+            self._rebuild_leaf(self.leaves[k])
+        self._queue_cleanup()
+
+    def _output_of(self, leaf: _Leaf) -> Tensor:
+        index = leaf.index
+        if index == len(self.leaves) - 1:
+            if self.output._version != self.output_version:
+                raise RuntimeError(
+                    "ReversibleSequential: the stack's output was changed in place before backward, "
+                    "so the activations cannot be rebuilt from it; clone it before modifying it "
+                    "(out = stack(x).clone())")
+            if self.finite is not None and not bool(self.finite):
                 raise ReconstructionError(
-                    f"ReversibleSequential: a parameter of {run.owner_of(p)} was changed in "
-                    "place between forward and backward (an optimizer step or weight update "
-                    "before backward?); its input cannot be rebuilt. Run backward first."
-                )
-        index_of = {id(p): k for k, p in enumerate(run.params)}
-        grads: list[Tensor | None] = [None] * len(run.params)
-        y = y.detach()
-        if dy is None:
-            dy = torch.zeros_like(y)
-        tol = run.check_tolerance
-        with ctx.autocast.replay():
-            for i in range(len(run.layers) - 1, -1, -1):
-                layer = run.layers[i]
-                wanted = [p for p in run.layer_params[i] if needs[index_of[id(p)]]]
-                with frozen_batchnorm(run.layer_batchnorms[i]):
-                    x, dx, found = layer_backward(layer, y, dy, dlog_det, wanted, ctx.tapes[i])
-                for p, grad in zip(wanted, found):
-                    if grad is not None:
-                        k = index_of[id(p)]
-                        grads[k] = grad if grads[k] is None else grads[k] + grad
-                if tol is not None:
-                    error = ctx.prints[i].mismatch(x, tol)
-                    if error is not None:
-                        raise ReconstructionError(
-                            f"ReversibleSequential: the input of {_name(i, layer)} was rebuilt "
-                            f"with error {error:.3g} (tolerance {tol:g}); the layer is not "
-                            "invertible as used (wrong inverse, weights changed, or too little "
-                            "precision: use float64 or fewer layers per stack)"
-                        )
-                y, dy = x, dx
-        dx_in = dy if ctx.needs_input_grad[2] else None
-        return (None, None, dx_in, *grads)
+                    "ReversibleSequential: the output contains NaN or Inf; a non-finite activation "
+                    "cannot be rebuilt in backward (check the input and the weights)")
+            return self.output
+        nxt = self.leaves[index + 1]
+        x = self._forward_input(nxt)
+        if x is None:
+            x, nxt.rebuilt = nxt.rebuilt, None
+        return x
+
+    def _rebuild_leaf(self, leaf: _Leaf) -> None:
+        where = _describe(leaf.index, leaf.layer)
+        leaf.module_state.check(where)
+        for t, version in zip(self.context_tensors, self.context_versions):
+            if t._version != version:
+                raise ReconstructionError(
+                    f"{where}: the context was changed in place between forward and backward; "
+                    "pass a copy (context.clone()) if you need to modify it")
+        x = self._forward_input(leaf)
+        y = self._output_of(leaf) if x is None else None
+        with rebuilding(), self.autocast.replay(), leaf.module_state.replay(), torch.no_grad():
+            if x is not None:
+                frames, rebuilt = self._recompute(leaf, x), None
+            else:
+                frames, rebuilt = self._invert(leaf, y)
+        leaf.captured = self._validated(leaf, frames, where)
+        leaf.rebuilt = rebuilt
+        if rebuilt is not None and leaf.fingerprint is not None:
+            error = leaf.fingerprint.mismatch(rebuilt, self.tolerance)
+            if error is not None:
+                raise ReconstructionError(
+                    f"{where}: the input was rebuilt with error {error:.3g} (tolerance "
+                    f"{self.tolerance:g}); the layer is not invertible as used (wrong inverse, "
+                    "weights changed, or too little precision: use float64 or fewer layers per "
+                    "stack)")
+
+    def _hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._capture, _never_unpacked)
+
+    def _recompute(self, leaf: _Leaf, x: Tensor) -> dict:
+        recorder = _Recorder(RECOMPUTE, leaf.layer, self, leaf)
+        x = x.detach().requires_grad_(leaf.input_flag)
+        replay = leaf.rng.replay() if leaf.rng is not None else nullcontext()
+        with self._hooks(), replay, torch.enable_grad(), recording(recorder):
+            layer_forward(leaf.layer, x, self.context, leaf.want_log_det)
+        return recorder.frames
+
+    def _invert(self, leaf: _Leaf, y: Tensor) -> tuple[dict, Tensor]:
+        recorder = _Recorder(INVERT, leaf.layer, self, leaf)
+        with self._hooks(), recording(recorder):
+            x = layer_inverse(leaf.layer, y.detach(), self.context)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{_describe(leaf.index, leaf.layer)}: inverse must return a tensor")
+        if not leaf.subnets or recorder.provided.keys() != leaf.subnets.keys():
+            # no sub-network protocol: run the layer forward again from its rebuilt input
+            return self._recompute(leaf, x), x
+        if leaf.frames[""]:
+            glue = _Recorder(GLUE, leaf.layer, self, leaf, frames=recorder.frames)
+            glue.provided = recorder.provided
+            x_in = x.detach().requires_grad_(leaf.input_flag)
+            with self._hooks(), torch.enable_grad(), recording(glue):
+                layer_forward(leaf.layer, x_in, self.context, leaf.want_log_det)
+        return recorder.frames, x
+
+    def _validated(self, leaf: _Leaf, frames: dict, where: str) -> dict[str, list]:
+        captured = {}
+        for key, records in leaf.frames.items():
+            got = frames.get(key, [])
+            label = f"sub-network {key!r}" if key else "its own operations"
+            if len(got) != len(records):
+                raise ReconstructionError(
+                    f"{where}: {label} saved {len(records)} tensors for backward in forward but "
+                    f"{len(got)} when rebuilt; the layer's forward must depend only on its input, "
+                    "context and parameters (data-dependent control flow?)")
+            tensors = []
+            for (t, version), record in zip(got, records):
+                if t.shape != record.shape or t.dtype != record.dtype:
+                    raise ReconstructionError(
+                        f"{where}: {label} saved a {tuple(record.shape)} {record.dtype} tensor in "
+                        f"forward but a {tuple(t.shape)} {t.dtype} one when rebuilt (data-dependent "
+                        "control flow?)")
+                if t._version != version:
+                    raise _modified_error(f"a tensor saved by {where}")
+                tensors.append(t)
+            captured[key] = tensors
+        extra = [k for k, v in frames.items() if v and k not in leaf.frames]
+        if extra:
+            raise ReconstructionError(f"{where}: sub-network {extra[0]!r} saved tensors when rebuilt "
+                                      "but was not evaluated in forward")
+        return captured
+
+    def _queue_cleanup(self) -> None:
+        if self._cleanup_queued:
+            return
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        except RuntimeError:  # unpacked outside a backward pass
+            return
+        self._cleanup_queued = True
+
+    def _end_of_backward(self) -> None:
+        self._cleanup_queued = False
+        for leaf in self.leaves:
+            leaf.captured = None
+            leaf.rebuilt = None
+
+    # ------------------------------------------------------------------ accounting
+
+    @property
+    def held_state_bytes(self) -> int:
+        """Bytes of random-generator states and buffer values this call keeps for backward."""
+        total = 0
+        for leaf in self.leaves:
+            states = {id(s): s for s in [leaf.rng, *(r.rng for r in leaf.subnets.values())] if s}
+            total += sum(s.nbytes for s in states.values()) + leaf.module_state.nbytes
+        return total
+
+
+def _modified_error(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"one of the variables needed for gradient computation has been modified by an inplace "
+        f"operation: {what} was changed in place after it was saved for backward (revtrain "
+        "checks the versions PyTorch does not check for hooked saved tensors)")
+
+
+def warn_unreplayed(where: str) -> None:
+    warnings.warn(f"{where} drew random numbers (dropout?) but preserve_rng_state=False, so "
+                  "backward will use other random numbers and the gradients will be wrong; keep "
+                  "preserve_rng_state=True", RuntimeWarning, stacklevel=5)
+
+
+def devices_of(x: Tensor, context) -> tuple[int, ...]:
+    return cuda_devices_of([x, *flatten_context(context)])
+

@@ -1,109 +1,118 @@
-"""State replayed when a layer is evaluated again in backward: RNG, autocast, BatchNorm.
+"""State that a recomputation in backward must see as the forward pass saw it.
 
-The engine evaluates each sub-network a second time during backward. For the gradient to be
-the one of the forward pass, that evaluation must see the same random numbers (dropout masks),
-the same autocast state, and batch statistics without updating BatchNorm running statistics a
-second time.
+When the engine evaluates a layer again during backward (to rebuild what the forward pass
+would have saved), the evaluation must draw the same random numbers, run under the same
+autocast state, use the same parameter and buffer tensors and leave every buffer as it found
+it. This module holds those pieces:
+
+* :class:`RngState`: the state of the CPU generator and of every CUDA device in use at one point
+  of a forward pass, replayed inside :func:`torch.random.fork_rng` (the global generator is never
+  re-seeded and the caller's random stream is left where the forward pass left it).
+* :class:`AutocastState`: the autocast state of CPU and CUDA at forward, re-entered.
+* :class:`ModuleState`: the tensors bound to every parameter and buffer name of a layer at
+  forward, their versions, and the buffers that forward changed. In a rebuild the forward's
+  tensors are bound again (``torch.func.functional_call``), changed tensors raise
+  :class:`~revtrain.ReconstructionError`, buffers the forward changed are set back to the values
+  it started from, and after the rebuild every buffer is restored to its current value. One rule
+  for every buffer: BatchNorm and InstanceNorm running statistics, spectral-norm vectors, ActNorm
+  flags alike.
+* :func:`is_rebuilding`: whether the current thread is inside such a recomputation, for forward
+  hooks that must not act twice.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "RngTape",
-    "rng_point",
-    "AutocastState",
-    "frozen_batchnorm",
-    "batchnorm_without_update",
-    "batchnorm_modules",
-    "cuda_devices_of",
-]
+from .base import ReconstructionError
+from .base import _local as local
 
-_local = threading.local()
+__all__ = ["RngState", "AutocastState", "ModuleState", "is_rebuilding", "rebuilding", "local",
+           "cuda_devices_of"]
+
+# ``local``: per-thread engine state shared with revtrain.base: ``recorder`` (what the engine is
+# doing for which layer), ``rebuilding`` (depth of recomputations), ``log_det_for`` (the layer
+# asked for its log-det)
 
 
-def cuda_devices_of(tensors: Sequence[Tensor]) -> list[int]:
+def is_rebuilding() -> bool:
+    """``True`` while revtrain re-evaluates a layer in backward to rebuild its activations.
+
+    Forward hooks and forward pre-hooks of the layers in a reversible stack run again during
+    that re-evaluation (as with ``torch.utils.checkpoint``); a hook that records activations or
+    counts calls can skip its work when this returns ``True``.
+
+    Example:
+        >>> import revtrain
+        >>> revtrain.is_rebuilding()
+        False
+    """
+    return getattr(local, "rebuilding", 0) > 0
+
+
+@contextmanager
+def rebuilding() -> Iterator[None]:
+    """Mark the body as a recomputation (see :func:`is_rebuilding`)."""
+    local.rebuilding = getattr(local, "rebuilding", 0) + 1
+    try:
+        yield
+    finally:
+        local.rebuilding -= 1
+
+
+def cuda_devices_of(tensors: Sequence[Tensor | None]) -> tuple[int, ...]:
     """Indices of the CUDA devices that ``tensors`` live on."""
-    return sorted({t.device.index for t in tensors if t.is_cuda and t.device.index is not None})
+    return tuple(sorted({t.device.index for t in tensors
+                         if t is not None and t.is_cuda and t.device.index is not None}))
 
 
-class RngTape:
-    """RNG states at named points of one layer's forward, for replay in backward.
+class RngState:
+    """The states of the CPU generator and of the CUDA generators of ``devices`` at one point.
 
-    The state of the CPU generator and of every CUDA device in use is taken at the start of
-    the layer ("start") and wherever the layer calls :func:`rng_point`. When the layer consumed
-    no random numbers, every state is dropped, so deterministic layers keep nothing.
-    The global RNG is never re-seeded: replay happens inside :func:`torch.random.fork_rng`.
+    Taking a state copies it (5 KB for the CPU generator, 16 bytes per CUDA device). States that
+    are kept for backward are cloned through the dispatcher, so that
+    :class:`revtrain.memory.TensorMemoryTracker` counts them like any other tensor.
     """
 
-    __slots__ = ("devices", "states", "_previous")
+    __slots__ = ("cpu", "cuda", "devices")
 
-    def __init__(self, devices: list[int]):
-        self.devices = devices
-        self.states: dict[str, tuple[Tensor, list[Tensor]]] | None = {}
+    def __init__(self, cpu: Tensor | None, cuda: tuple[Tensor | None, ...], devices: tuple[int, ...]):
+        self.cpu, self.cuda, self.devices = cpu, cuda, devices
 
-    def _take(self) -> tuple[Tensor, list[Tensor]]:
-        return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices]
+    @classmethod
+    def take(cls, devices: tuple[int, ...]) -> RngState:
+        return cls(torch.get_rng_state(), tuple(torch.cuda.get_rng_state(d) for d in devices), devices)
 
-    @contextmanager
-    def recording(self) -> Iterator[RngTape]:
-        """Record during the layer's forward; keep the states only if RNG was consumed."""
-        start = self._take()
-        self.states = {"start": start}
-        self._previous = getattr(_local, "tape", None)
-        _local.tape = self
-        try:
-            yield self
-        finally:
-            _local.tape = self._previous
-            self._previous = None
-        end = self._take()
-        consumed = not torch.equal(start[0], end[0]) or any(
-            not torch.equal(a, b) for a, b in zip(start[1], end[1])
-        )
-        if not consumed:
-            self.states = None
+    def same_as(self, other: RngState) -> bool:
+        """Whether no random number was drawn between ``self`` and ``other``."""
+        return torch.equal(self.cpu, other.cpu) and all(
+            torch.equal(a, b) for a, b in zip(self.cuda, other.cuda))
+
+    def kept(self, since: RngState) -> RngState:
+        """A copy of the generators that moved between ``since`` and ``self``, for backward."""
+        cpu = self.cpu.clone() if not torch.equal(self.cpu, since.cpu) else None
+        cuda = tuple(a.clone() if not torch.equal(a, b) else None for a, b in zip(self.cuda, since.cuda))
+        return RngState(cpu, cuda, self.devices)
 
     @property
-    def consumed(self) -> bool:
-        """Whether the recorded layer drew random numbers."""
-        return self.states is not None
-
-    def mark(self, name: str) -> None:
-        if self.states is not None:
-            self.states[name] = self._take()
-
-    def replay(self, name: str = "start"):
-        """Context manager that runs its body with the RNG state recorded at ``name``."""
-        if self.states is None:
-            return nullcontext()
-        return self._replay(self.states.get(name, self.states["start"]))
+    def nbytes(self) -> int:
+        return sum(t.numel() for t in (self.cpu, *self.cuda) if t is not None)
 
     @contextmanager
-    def _replay(self, state: tuple[Tensor, list[Tensor]]) -> Iterator[None]:
-        with torch.random.fork_rng(devices=self.devices, enabled=True):
-            torch.set_rng_state(state[0])
-            for device, cuda_state in zip(self.devices, state[1]):
-                torch.cuda.set_rng_state(cuda_state, device)
+    def replay(self) -> Iterator[None]:
+        """Run the body with these generator states; restore the current ones afterwards."""
+        devices = [d for d, s in zip(self.devices, self.cuda) if s is not None]
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            if self.cpu is not None:
+                torch.set_rng_state(self.cpu)
+            for d, s in zip(self.devices, self.cuda):
+                if s is not None:
+                    torch.cuda.set_rng_state(s, d)
             yield
-
-
-def rng_point(name: str) -> None:
-    """Mark a point of a layer's forward whose RNG state backward may need to replay.
-
-    A no-op unless the reversible engine is recording the layer. A layer that evaluates its
-    sub-networks in a different order in backward than in forward (a coupling evaluates ``g``
-    before ``f``) marks each sub-network with a name and replays it with ``tape.replay(name)``.
-    """
-    tape = getattr(_local, "tape", None)
-    if tape is not None:
-        tape.mark(name)
 
 
 class AutocastState:
@@ -112,10 +121,9 @@ class AutocastState:
     __slots__ = ("states",)
 
     def __init__(self) -> None:
-        device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        self.states = [
-            (dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt)) for dt in device_types
-        ]
+        device_types = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+        self.states = [(dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))
+                       for dt in device_types]
 
     @contextmanager
     def replay(self) -> Iterator[None]:
@@ -125,47 +133,107 @@ class AutocastState:
             yield
 
 
-def batchnorm_modules(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The BatchNorm modules inside ``module`` (SyncBatchNorm included)."""
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def _is_norm_statistic(module: nn.Module, name: str) -> bool:
+    # PyTorch's batch / instance norms write their running statistics in training mode but
+    # never read them there: no copy is needed to replay such a forward.
+    return isinstance(module, nn.modules.batchnorm._NormBase) and name in (
+        "running_mean", "running_var", "num_batches_tracked")
 
 
-@contextmanager
-def frozen_batchnorm(modules: Sequence[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
-    """Batch statistics as in training, but running statistics left untouched.
+class _Slot:
+    """One parameter or buffer name of one module, and the tensor bound to it at forward."""
 
-    With ``track_running_stats`` off in training mode, PyTorch's BatchNorm normalises with the
-    batch statistics (exactly as in the forward pass) and neither updates ``running_mean`` /
-    ``running_var`` nor counts ``num_batches_tracked``. The flag is restored on exit, also when
-    the body raises.
+    __slots__ = ("module", "name", "is_buffer", "tensor", "version", "start", "write_only", "owner")
+
+    def __init__(self, module, name, is_buffer, tensor, owner):
+        self.module, self.name, self.is_buffer, self.tensor = module, name, is_buffer, tensor
+        self.owner = owner  # qualified name inside the layer, for messages
+        self.version = tensor._version
+        self.start: Tensor | None = None  # the value a buffer had before forward changed it
+        self.write_only = is_buffer and module.training and _is_norm_statistic(module, name)
+
+    @property
+    def table(self) -> dict:
+        return self.module._buffers if self.is_buffer else self.module._parameters
+
+
+class ModuleState:
+    """Parameters and buffers of one layer as one forward call used them.
+
+    Call :meth:`begin` before the layer's forward and :meth:`finish` after it; then, in backward,
+    :meth:`check` and the context manager :meth:`replay` around the recomputation.
     """
-    changed = [m for m in modules if m.training and m.track_running_stats]
-    for m in changed:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in changed:
-            m.track_running_stats = True
 
+    __slots__ = ("slots",)
 
+    def __init__(self) -> None:
+        self.slots: list[_Slot] = []
 
-@contextmanager
-def batchnorm_without_update(modules: Sequence[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
-    """Like :func:`frozen_batchnorm`, for recomputations that must save the same tensors.
+    def begin(self, layer: nn.Module) -> None:
+        slots = []
+        for prefix, module in layer.named_modules(remove_duplicate=True):
+            for is_buffer, table in ((False, module._parameters), (True, module._buffers)):
+                for name, tensor in table.items():
+                    if tensor is None:
+                        continue
+                    slot = _Slot(module, name, is_buffer, tensor, f"{prefix}.{name}" if prefix else name)
+                    if is_buffer and not slot.write_only:
+                        slot.start = tensor.detach().clone()
+                    slots.append(slot)
+        self.slots = slots
 
-    ``torch.utils.checkpoint`` checks that the recomputation saves as many tensors as the
-    forward did, so BatchNorm must keep passing its running statistics: the momentum is set to
-    0 (running statistics unchanged) and ``num_batches_tracked`` is restored on exit.
-    """
-    changed = [(m, m.momentum, m.num_batches_tracked.clone())
-               for m in modules if m.training and m.track_running_stats]
-    for m, _, _ in changed:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum, count in changed:
-            m.momentum = momentum
-            with torch.no_grad():
-                m.num_batches_tracked.copy_(count)
+    def refresh(self) -> None:
+        """Take the tensors bound now (inside the layer's forward, after its pre-forward hooks:
+        FSDP binds the unsharded parameters there)."""
+        for slot in self.slots:
+            tensor = slot.table.get(slot.name)
+            if tensor is not None and tensor is not slot.tensor:
+                slot.tensor, slot.version = tensor, tensor._version
+
+    def finish(self) -> None:
+        """After forward: keep the start values of the buffers that forward changed only."""
+        for slot in self.slots:
+            tensor = slot.tensor
+            if slot.start is not None and tensor._version == slot.version:
+                slot.start = None  # unchanged: the current value is the one forward saw
+            slot.version = tensor._version
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of buffer values kept for the replay."""
+        return sum(s.start.numel() * s.start.element_size() for s in self.slots if s.start is not None)
+
+    def check(self, where: str) -> None:
+        """Raise :class:`ReconstructionError` if a tensor forward used was changed in place since."""
+        for slot in self.slots:
+            if slot.start is not None or slot.write_only:
+                continue  # restored for the replay / never read by the forward
+            if slot.tensor._version != slot.version:
+                kind = "buffer" if slot.is_buffer else "parameter"
+                raise ReconstructionError(
+                    f"{where}: {kind} {slot.owner!r} was changed in place between forward and "
+                    "backward (an optimizer step or a weight update before backward?), so the "
+                    "activations of this layer cannot be rebuilt. Call backward first."
+                )
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Bind the forward's tensors, set changed buffers to their start values, then restore."""
+        rebound, stash = [], []
+        try:
+            for slot in self.slots:
+                table = slot.table
+                current = table.get(slot.name)
+                if current is not slot.tensor:
+                    table[slot.name] = slot.tensor
+                    rebound.append((table, slot.name, current))
+                if slot.is_buffer:
+                    stash.append((slot.tensor, slot.tensor.detach().clone()))
+                    if slot.start is not None:
+                        slot.tensor.data.copy_(slot.start)
+            yield
+        finally:
+            for tensor, value in stash:
+                tensor.data.copy_(value)
+            for table, name, current in reversed(rebound):
+                table[name] = current
