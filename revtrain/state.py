@@ -143,12 +143,14 @@ def _is_norm_statistic(module: nn.Module, name: str) -> bool:
 class _Slot:
     """One parameter or buffer name of one module, and the tensor bound to it at forward."""
 
-    __slots__ = ("module", "name", "is_buffer", "tensor", "version", "start", "write_only", "owner")
+    __slots__ = ("module", "name", "is_buffer", "tensor", "version", "start", "write_only", "owner",
+                 "requires_grad")
 
     def __init__(self, module, name, is_buffer, tensor, owner):
         self.module, self.name, self.is_buffer, self.tensor = module, name, is_buffer, tensor
         self.owner = owner  # qualified name inside the layer, for messages
         self.version = tensor._version
+        self.requires_grad = tensor.requires_grad
         self.start: Tensor | None = None  # the value a buffer had before forward changed it
         self.write_only = is_buffer and module.training and _is_norm_statistic(module, name)
 
@@ -164,14 +166,16 @@ class ModuleState:
     :meth:`check` and the context manager :meth:`replay` around the recomputation.
     """
 
-    __slots__ = ("slots",)
+    __slots__ = ("slots", "modes")
 
     def __init__(self) -> None:
         self.slots: list[_Slot] = []
+        self.modes: list[tuple[nn.Module, bool]] = []  # train / eval of every module at forward
 
     def begin(self, layer: nn.Module) -> None:
-        slots = []
+        slots, modes = [], []
         for prefix, module in layer.named_modules(remove_duplicate=True):
+            modes.append((module, module.training))
             for is_buffer, table in ((False, module._parameters), (True, module._buffers)):
                 for name, tensor in table.items():
                     if tensor is None:
@@ -180,7 +184,7 @@ class ModuleState:
                     if is_buffer and not slot.write_only:
                         slot.start = tensor.detach().clone()
                     slots.append(slot)
-        self.slots = slots
+        self.slots, self.modes = slots, modes
 
     def refresh(self) -> None:
         """Take the tensors bound now (inside the layer's forward, after its pre-forward hooks:
@@ -189,6 +193,7 @@ class ModuleState:
             tensor = slot.table.get(slot.name)
             if tensor is not None and tensor is not slot.tensor:
                 slot.tensor, slot.version = tensor, tensor._version
+                slot.requires_grad = tensor.requires_grad
 
     def finish(self) -> None:
         """After forward: keep the start values of the buffers that forward changed only."""
@@ -218,15 +223,24 @@ class ModuleState:
 
     @contextmanager
     def replay(self) -> Iterator[None]:
-        """Bind the forward's tensors, set changed buffers to their start values, then restore."""
-        rebound, stash = [], []
+        """Bind the forward's tensors with the forward's ``requires_grad`` and train / eval modes,
+        set changed buffers to their start values; restore everything afterwards."""
+        rebound, stash, flags, modes = [], [], [], []
         try:
+            for module, training in self.modes:
+                if module.training != training:
+                    modes.append((module, module.training))
+                    module.training = training
             for slot in self.slots:
                 table = slot.table
                 current = table.get(slot.name)
                 if current is not slot.tensor:
                     table[slot.name] = slot.tensor
                     rebound.append((table, slot.name, current))
+                tensor = slot.tensor
+                if tensor.requires_grad != slot.requires_grad and tensor.is_leaf:
+                    flags.append((tensor, tensor.requires_grad))
+                    tensor.requires_grad_(slot.requires_grad)
                 if slot.is_buffer:
                     stash.append((slot.tensor, slot.tensor.detach().clone()))
                     if slot.start is not None:
@@ -235,5 +249,9 @@ class ModuleState:
         finally:
             for tensor, value in stash:
                 tensor.data.copy_(value)
+            for tensor, flag in flags:
+                tensor.requires_grad_(flag)
             for table, name, current in reversed(rebound):
                 table[name] = current
+            for module, training in modes:
+                module.training = training

@@ -618,3 +618,39 @@ def test_no_warnings_in_an_ordinary_step():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(x_of(2, 4, 3, 3).requires_grad_()).square().sum().backward()
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_train_eval_and_requires_grad_switched_before_backward(memory):
+    # the gradients of the forward pass that ran, as with stored activations
+    torch.manual_seed(0)
+    base = stack(3, "affine", c=4, bn=True, dropout=0.3).double()
+    results = {}
+    for mode in ("stored", memory):
+        model = twin(base, mode)
+        x = x_of(3, 4, 5, 5).requires_grad_()
+        torch.manual_seed(1)
+        y = model(x)
+        model.eval()
+        for p in model[1].parameters():
+            p.requires_grad_(False)
+        y.square().sum().backward()
+        assert not model.training and not any(p.requires_grad for p in model[1].parameters())
+        results[mode] = [x.grad, *(p.grad for p in model.parameters())]
+    all_close(results[memory], results["stored"], "after train()/eval() and requires_grad changes")
+
+
+def test_loss_on_an_intermediate_layer_output():
+    torch.manual_seed(0)
+    base = stack(4, "affine", c=4).double()
+    results = {}
+    for mode in ("stored", "reversible"):
+        model = twin(base, mode)
+        outputs = []
+        model[1].register_forward_hook(
+            lambda m, i, o, outputs=outputs: None if revtrain.is_rebuilding() else outputs.append(o))
+        x = x_of(2, 4, 3, 3).requires_grad_()
+        y = model(x)
+        (y.sum() + outputs[0].square().sum()).backward()
+        results[mode] = [x.grad, *(p.grad for p in model.parameters())]
+    all_close(results["reversible"], results["stored"], "loss on a layer's output")

@@ -1,0 +1,139 @@
+"""DDP and FSDP2 on 2 gloo CPU processes: the reversible engine gives the stored twin's results.
+
+Each test spawns two processes once and checks several configurations inside them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")]
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup(rank, world, port):
+    sys.path.insert(0, TESTS)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _close(a, b, what):
+    assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), f"{what}: max diff {(a - b).abs().max():.3g}"
+
+
+def _ddp_worker(rank, world, port):
+    _setup(rank, world, port)
+    from engine_helpers import stack, twin
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    try:
+        torch.manual_seed(0)
+        base = stack(4, "affine", c=4).double()
+        data = torch.randn(5, 2 * world, 4, 5, 5, dtype=torch.float64)
+        # the single-process reference on the full batch
+        reference = twin(base, "stored")
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+        ref_grads = []
+        for x in data:
+            ref_opt.zero_grad()
+            reference(x).square().mean().backward()
+            ref_grads.append([p.grad.clone() for p in reference.parameters()])
+            ref_opt.step()
+        for static_graph in (False, True):
+            for find_unused in (False, True):
+                model = DDP(twin(base, "reversible"), static_graph=static_graph,
+                            find_unused_parameters=find_unused)
+                opt = torch.optim.SGD(model.parameters(), lr=0.05)
+                calls = []
+                for p in model.parameters():
+                    p.register_hook(lambda g, calls=calls: calls.append(1) or g)
+                for step, x in enumerate(data):
+                    opt.zero_grad()
+                    local = x[rank * 2:(rank + 1) * 2]
+                    model(local).square().mean().backward()
+                    for p, g in zip(model.parameters(), ref_grads[step]):
+                        _close(p.grad, g, f"static={static_graph} unused={find_unused} step {step}")
+                    opt.step()
+                assert len(calls) == len(list(base.parameters())) * len(data), "each hook once per step"
+        # a parameter that no step uses: without find_unused_parameters DDP raises its own
+        # error, exactly as for the stored twin
+        for memory in ("stored", "reversible"):
+            model = twin(base, memory)
+            model.unused = torch.nn.Linear(2, 2).double()
+            ddp = DDP(model, find_unused_parameters=False)
+            ddp(data[0][:2]).sum().backward()
+            with pytest.raises(RuntimeError, match="Expected to have finished reduction"):
+                ddp(data[1][:2]).sum().backward()
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_worker(rank, world, port):
+    _setup(rank, world, port)
+    from engine_helpers import coupling, twin
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import revtrain
+
+    try:
+        for memory in ("reversible", "checkpoint"):
+            torch.manual_seed(0)
+            base = revtrain.ReversibleSequential(
+                *[coupling("affine", 4, bn=True, dropout=0.2) for _ in range(3)]).double()
+            reference = twin(base, "stored")  # on each rank: the same local batch, stored
+            model = twin(base, memory)
+            for layer in model:
+                fully_shard(layer)
+            fully_shard(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+            data = torch.randn(2, 2 * world, 4, 5, 5, dtype=torch.float64)
+            for step, batch in enumerate(data):
+                x = batch[rank * 2:(rank + 1) * 2]
+                torch.manual_seed(10 * step + rank)
+                loss = model(x).square().mean()
+                weight = model[1].f[0].weight
+                assert isinstance(weight, DTensor), "parameters resharded between forward and backward"
+                loss.backward()
+                torch.manual_seed(10 * step + rank)
+                reference(x).square().mean().backward()
+                for p in reference.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+                for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                    _close(p.grad.full_tensor(), q.grad, f"{memory} step {step} {name}")
+                opt.step(), opt.zero_grad(), ref_opt.step(), ref_opt.zero_grad()
+            for (name, b), c in zip(model.named_buffers(), reference.buffers()):
+                _close(b.double(), c.double(), f"{memory} buffer {name}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(worker):
+    mp.spawn(worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_ddp_two_processes_equal_a_single_process_on_the_full_batch():
+    _spawn(_ddp_worker)
+
+
+def test_fsdp2_per_coupling_and_on_the_stack_with_batchnorm_and_dropout():
+    _spawn(_fsdp_worker)
