@@ -22,7 +22,9 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from functools import cache
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +71,9 @@ class ChannelSplit:
     def merge(self, x1: Tensor, x2: Tensor) -> Tensor:
         return torch.cat([x1, x2], dim=self.dim)
 
+    #: ``split`` returns views, so an inverse may write both halves into one buffer
+    views = True
+
     def __repr__(self) -> str:
         return f"ChannelSplit(dim={self.dim})"
 
@@ -76,7 +81,9 @@ class ChannelSplit:
 class _Transform:
     """Element-wise transforms: ``num_params`` values of the sub-network per transformed element
     (stacked along the split dimension), ``forward(x, h, dim) -> (y, log_det or None)`` with a
-    log-det of shape ``(batch,)``, and ``inverse(y, h, dim) -> x``."""
+    log-det of shape ``(batch,)``, and ``inverse(y, h, dim) -> x``. When ``inverse`` also takes
+    ``out=`` (a tensor to write ``x`` into, without grad), couplings rebuild both halves into one
+    buffer, with no merge copy."""
 
     num_params = 1
 
@@ -96,8 +103,8 @@ class Additive(_Transform):
     def forward(self, x: Tensor, h: Tensor, dim: int) -> tuple[Tensor, Tensor | None]:
         return x + h, None
 
-    def inverse(self, y: Tensor, h: Tensor, dim: int) -> Tensor:
-        return y - h
+    def inverse(self, y: Tensor, h: Tensor, dim: int, out: Tensor | None = None) -> Tensor:
+        return torch.sub(y, h.to(y.dtype), out=out) if out is not None else y - h
 
     def __repr__(self) -> str:
         return "Additive()"
@@ -132,8 +139,10 @@ class Affine(_Transform):
         s, t = self._scale_shift(h, dim, x.dtype)
         return x * torch.exp(s) + t, s.flatten(1).sum(1)
 
-    def inverse(self, y: Tensor, h: Tensor, dim: int) -> Tensor:
+    def inverse(self, y: Tensor, h: Tensor, dim: int, out: Tensor | None = None) -> Tensor:
         s, t = self._scale_shift(h, dim, y.dtype)
+        if out is not None:
+            return torch.mul(y - t, torch.exp(-s), out=out)
         return (y - t) * torch.exp(-s)
 
     def __repr__(self) -> str:
@@ -230,6 +239,9 @@ class Coupling(InvertibleModule):
         self.split.check(y, type(self).__name__)
         dim = self.split.dim
         y1, y2 = self.split.split(y)
+        if not torch.is_grad_enabled() and getattr(self.split, "views", False) and \
+                _inverse_takes_out(type(self.transform)):
+            return self._inverse_into_buffer(y, y1, y2, context)
         if self.g is None:
             x2 = y2
         else:
@@ -237,8 +249,32 @@ class Coupling(InvertibleModule):
         x1 = self.transform.inverse(y1, self._params("f", self.f, x2, y1, context), dim)
         return self.split.merge(x1, x2)
 
+    def _inverse_into_buffer(self, y, y1, y2, context) -> Tensor:
+        # both halves written into one new tensor: no merge copy, no second copy of x2 (the
+        # rebuild in backward keeps x2 for f's backward and x for the layer before)
+        dim = self.split.dim
+        x = torch.empty_like(y)
+        x1, x2 = self.split.split(x)
+        if self.g is None:
+            x2.copy_(y2)
+        else:
+            self.transform.inverse(y2, self._params("g", self.g, y1, y2, context), dim, out=x2)
+        h = self._params("f", self.f, x2, y1, context)
+        # x1 is written through .data: x2 (a view of the same tensor) may already be saved by f,
+        # and its version must not change
+        self.transform.inverse(y1, h, dim, out=self.split.split(x.data)[0])
+        return x
+
     def extra_repr(self) -> str:
         return f"transform={self.transform!r}, split={self.split!r}"
+
+
+@cache
+def _inverse_takes_out(cls: type) -> bool:
+    try:
+        return "out" in inspect.signature(cls.inverse).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
 
 
 class AdditiveCoupling(Coupling):
