@@ -294,7 +294,9 @@ class _Recorder:
             out = self._in_frame(name, net, args)
         if not isinstance(out, Tensor):
             raise TypeError(f"{self._where()}: sub-network {name!r} must return a tensor")
-        self.provided[name] = out.detach().requires_grad_(record.out_flag)
+        # kept for the re-run of the element-wise operations; not needed (and not kept) when those
+        # saved nothing in forward (additive couplings)
+        self.provided[name] = out.detach().requires_grad_(record.out_flag) if self.leaf.frames[""] else None
         return out.detach()
 
 
@@ -539,7 +541,12 @@ class ReversibleCall:
                     f"{where}: the context was changed in place between forward and backward; "
                     "pass a copy (context.clone()) if you need to modify it")
         x = self._forward_input(leaf)
-        y = self._output_of(leaf) if x is None else None
+        if x is None:
+            y = self._output_of(leaf)
+        else:  # rebuilt from its input: the output rebuilt for it is not needed any more
+            y = None
+            if leaf.index + 1 < len(self.leaves):
+                self.leaves[leaf.index + 1].rebuilt = None
         with rebuilding(), self.autocast.replay(), leaf.module_state.replay(), torch.no_grad():
             if x is not None:
                 frames, rebuilt = self._recompute(leaf, x), None
