@@ -249,6 +249,22 @@ class Coupling(InvertibleModule):
         x1 = self.transform.inverse(y1, self._params("f", self.f, x2, y1, context), dim)
         return self.split.merge(x1, x2)
 
+    def replay_elementwise(self, x: Tensor, outputs: dict[str, Tensor]) -> bool:
+        """Re-run the element-wise transforms of a forward pass, given the sub-networks' outputs.
+
+        Used by the engine to regenerate what the transforms saved for backward, without the
+        merge of the outputs. Returns ``False`` (and does nothing) when the split saves tensors
+        of its own, so that the whole forward must be re-run.
+        """
+        if not getattr(self.split, "views", False):
+            return False
+        dim = self.split.dim
+        x1, x2 = self.split.split(x)
+        self.transform.forward(x1, outputs.pop("f"), dim)
+        if self.g is not None:
+            self.transform.forward(x2, outputs.pop("g"), dim)
+        return True
+
     def _inverse_into_buffer(self, y, y1, y2, context) -> Tensor:
         # both halves written into one new tensor: no merge copy, no second copy of x2 (the
         # rebuild in backward keeps x2 for f's backward and x for the layer before)

@@ -587,8 +587,10 @@ class ReversibleCall:
             glue = _Recorder(GLUE, leaf.layer, self, leaf, frames=recorder.frames)
             glue.provided = recorder.provided
             x_in = x.detach().requires_grad_(leaf.input_flag)
+            replay = getattr(leaf.layer, "replay_elementwise", None)
             with self._hooks(), torch.enable_grad(), recording(glue):
-                layer_forward(leaf.layer, x_in, self.context, leaf.want_log_det)
+                if replay is None or _has_forward_hooks(leaf.layer) or not replay(x_in, glue.provided):
+                    layer_forward(leaf.layer, x_in, self.context, leaf.want_log_det)
         return recorder.frames, x
 
     def _validated(self, leaf: _Leaf, frames: dict, where: str) -> dict[str, list]:
@@ -643,6 +645,13 @@ class ReversibleCall:
             states = {id(s): s for s in [leaf.rng, *(r.rng for r in leaf.subnets.values())] if s}
             total += sum(s.nbytes for s in states.values()) + leaf.module_state.nbytes
         return total
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 def _modified_error(what: str) -> RuntimeError:
