@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 if TYPE_CHECKING:  # loaded on first use by __getattr__ below (the planner imports this module)
     from .planner import MemoryPlan, plan, plan_main
@@ -101,13 +100,12 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+        inputs = {_key(t) for t in _tensors((args, kwargs))}
         from_rng = bool(self._rng) and not inputs.isdisjoint(self._rng)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor):
-                key = _key(t)
-                if key not in inputs:  # views and in-place results reuse an existing storage
-                    self._track(t, key, rng=from_rng)
+        for t in _tensors(out):
+            key = _key(t)
+            if key not in inputs:  # views and in-place results reuse an existing storage
+                self._track(t, key, rng=from_rng)
         if self.timeline is not None:
             self.timeline.append(self.current)
         return out
@@ -195,6 +193,20 @@ class TensorMemoryTracker(TorchDispatchMode):
             label = self._label_of.get(key, "")
             out[label] = out.get(label, 0) + nbytes
         return out
+
+
+def _tensors(obj: Any, found: list[Tensor] | None = None) -> list[Tensor]:
+    """The tensors in nested tuples / lists / dicts (what operators take and return)."""
+    found = [] if found is None else found
+    if isinstance(obj, Tensor):
+        found.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _tensors(item, found)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _tensors(item, found)
+    return found
 
 
 def _key(t: Tensor) -> int:

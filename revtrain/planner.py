@@ -557,8 +557,19 @@ def _import(path: str) -> Any:
                          f"({error})") from None
 
 
-def _from_config(config: dict) -> tuple[nn.Module, tuple[int, ...], int | None, str]:
-    """``(network, input_shape, batch_size, optimizer)`` from a LightningCLI config."""
+def _network_of(module: nn.Module) -> nn.Module:
+    """The network inside a LightningModule (its ``net`` / ``flow`` / ``model``)."""
+    for name in ("net", "flow", "model"):
+        if isinstance(getattr(module, name, None), nn.Module):
+            return getattr(module, name)
+    with_params = [m for m in module.children() if any(True for _ in m.parameters())]
+    return with_params[0] if len(with_params) == 1 else module
+
+
+def _from_config(config: dict, shape: tuple[int, ...] | None = None,
+                 ) -> tuple[nn.Module, tuple[int, ...], int | None, str]:
+    """``(network, input_shape, batch_size, optimizer)`` from a LightningCLI config
+    (``shape``, if given, overrides the data section's)."""
     model_cfg, data_cfg = config.get("model"), config.get("data")
     if not isinstance(model_cfg, dict) or "class_path" not in model_cfg:
         raise SystemExit("revtrain memory: the config has no `model: {class_path: ..., "
@@ -567,8 +578,8 @@ def _from_config(config: dict) -> tuple[nn.Module, tuple[int, ...], int | None, 
     optimizer = init.pop("optimizer", None)
     init.pop("lr_scheduler", None)
     module = _import(model_cfg["class_path"])(**init)
-    network = getattr(module, "model", module)
-    shape, batch = None, None
+    network = _network_of(module)
+    override, batch = shape, None
     if isinstance(data_cfg, dict) and "class_path" in data_cfg:
         data_cls = _import(data_cfg["class_path"])
         data_init = dict(data_cfg.get("init_args") or {})
@@ -579,9 +590,12 @@ def _from_config(config: dict) -> tuple[nn.Module, tuple[int, ...], int | None, 
                 shape = data_cls(**data_init).input_shape
             except Exception:  # a data module that needs its files: keep the class attribute
                 pass
+    shape = override or shape
     if shape is None:
         raise SystemExit("revtrain memory: cannot tell the input shape from the config's data "
                          "section; pass --input-shape C,H,W")
+    if not override and hasattr(network, "num_dims") and not hasattr(network, "input_shape"):
+        shape = (int(network.num_dims),)  # a flow on vectors sees flattened images
     opt = "none"
     if isinstance(optimizer, dict):
         name = str(optimizer.get("class_path", "")).rsplit(".", 1)[-1].lower()
@@ -623,9 +637,8 @@ def plan_main(argv: list[str] | None = None) -> int:
         except OSError as error:
             raise SystemExit(f"revtrain memory: cannot read {path}: {error.strerror}") from None
         config = _deep_merge(config, loaded)
-    network, shape, batch, opt = _from_config(config)
-    if args.input_shape:
-        shape = tuple(int(s) for s in args.input_shape.split(","))
+    override = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
+    network, shape, batch, opt = _from_config(config, override)
     batch = args.batch_size or batch
     if not batch:
         raise SystemExit("revtrain memory: no batch size in the config; pass --batch-size N")
