@@ -151,21 +151,22 @@ def time_interleaved(
 ) -> dict[str, dict[str, Any]]:
     """Median wall time of each ``steps[name]()``, the names' repeats interleaved.
 
-    Each sample is one ``torch.utils.benchmark.Timer(...).timeit(1)`` (which synchronises an
-    accelerator around the statement and keeps torch's thread count as it is here). Every
-    round runs each step once; the order rotates from round to round, so that no step always
-    follows the same one (caches, allocator state, a neighbour's load spike hit all of them
-    alike). ``warmup`` untimed rounds come first.
+    Built on ``torch.utils.benchmark``: each sample is read with its clock
+    (``torch.utils.benchmark.timer``, which synchronises an accelerator before reading the
+    time) and the median is that of a ``torch.utils.benchmark.Measurement`` of the samples.
+    ``Timer.timeit`` itself is not used because it runs untimed warm-up calls before every
+    sample, which would break the interleaving and triple the cost. Every round runs each step
+    once; the order rotates from round to round, so that no step always follows the same one
+    (caches, allocator state, a neighbour's load spike hit all of them alike). ``warmup``
+    untimed rounds come first. ``device`` is kept for callers; the clock synchronises whatever
+    accelerator torch sees.
 
     Returns:
-        ``{name: {"median_s", "min_s", "q1_s", "q3_s", "samples_s"}}``.
+        ``{name: {"median_s", "min_s", "q1_s", "q3_s", "samples_s"}}`` (plain JSON types).
     """
-    from torch.utils.benchmark import Timer
+    from torch.utils.benchmark import Measurement, TaskSpec, timer
 
     names = list(steps)
-    threads = torch.get_num_threads()
-    timers = {name: Timer("step()", globals={"step": steps[name]}, num_threads=threads,
-                          label=name) for name in names}
     for _ in range(warmup):
         for name in names:
             steps[name]()
@@ -173,11 +174,16 @@ def time_interleaved(
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            samples[name].append(timers[name].timeit(1).times[0])
+            start = timer()
+            steps[name]()
+            samples[name].append(timer() - start)
     out = {}
+    threads = torch.get_num_threads()
     for name, values in samples.items():
+        measurement = Measurement(1, values, TaskSpec(stmt=f"{name}()", setup="", label=name,
+                                                      num_threads=threads))
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-        out[name] = {"median_s": statistics.median(values), "min_s": min(values),
+        out[name] = {"median_s": measurement.median, "min_s": min(values),
                      "q1_s": q[0], "q3_s": q[2], "samples_s": values}
     return out
 
