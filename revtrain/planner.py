@@ -388,9 +388,10 @@ class MemoryPlan:
             "",
         ]
         cols = [f"{m} held" for m in self.modes] + [f"{m} peak" for m in self.modes]
-        width = max(len(n) for n in [*self.units, _REST, "optimizer state (adam, 2 copies)"])
-        width = min(max(width, 34), 60)
-        head = f"{'':<{width}} " + " ".join(f"{c:>16}" for c in cols)
+        copies = OPTIMIZER_COPIES.get(self.optimizer, "?")
+        opt_label = f"optimizer state ({self.optimizer}, {copies} copies)"
+        width = min(max(len(n) for n in [*self.units, _REST, opt_label]), 60)
+        head = f"{'':<{width}} " + " ".join(f"{c:>18}" for c in cols)
         lines += [head, "-" * len(head)]
         for name in self.units + [_REST]:
             cells = [format_bytes(preds[m]["units"][name]["held_bytes"]) for m in self.modes]
@@ -398,11 +399,11 @@ class MemoryPlan:
                 u = preds[m]["units"][name]
                 peaks = [v for v in (u["forward_peak_bytes"], u["backward_peak_bytes"]) if v]
                 cells.append(format_bytes(max(peaks)) if peaks else "-")
-            lines.append(f"{name[:width]:<{width}} " + " ".join(f"{c:>16}" for c in cells))
+            lines.append(f"{name[:width]:<{width}} " + " ".join(f"{c:>18}" for c in cells))
         lines.append("-" * len(head))
 
         def row(label: str, held: list[str], peak: list[str]) -> None:
-            lines.append(f"{label:<{width}} " + " ".join(f"{c:>16}" for c in held + peak))
+            lines.append(f"{label:<{width}} " + " ".join(f"{c:>18}" for c in held + peak))
 
         blank = [""] * len(self.modes)
         row("step (activations + gradients)",
@@ -414,8 +415,7 @@ class MemoryPlan:
         row("  of which parameter gradients", blank, [format_bytes(self.grad_bytes)] * len(self.modes))
         row("parameters + buffers", blank, [format_bytes(self.param_bytes + self.buffer_bytes)]
             * len(self.modes))
-        copies = OPTIMIZER_COPIES.get(self.optimizer, "?")
-        row(f"optimizer state ({self.optimizer}, {copies} copies)", blank,
+        row(opt_label, blank,
             [format_bytes(self.optimizer_bytes)] * len(self.modes))
         row("input batch", blank,
             [format_bytes(self.input_bytes_per_sample * self.batch_size)] * len(self.modes))
