@@ -324,26 +324,59 @@ def drift_records(env: dict[str, Any], p: dict[str, Any],
 # ----------------------------------------------------------------------------- driver
 
 
+_SECTIONS = {"stack": ("stack_depth", "stack_batch"), "rss": ("rss",), "models": ("models",),
+             "drift": ("drift",)}
+
+
+def _kept(out: Path | None, sections: list[str]) -> dict[str, Any] | None:
+    """What ``--merge`` keeps of an earlier result: the records of the sections not rerun."""
+    if out is None or not Path(out).exists():
+        return None
+    import json
+
+    old = json.loads(Path(out).read_text())
+    rerun = {name for s in sections for name in _SECTIONS.get(s, (s,))}
+    kept = [r for r in old["records"] if r["section"] not in rerun]
+    if not kept:
+        return None
+    return {"records": kept, "environment": old["environment"],
+            "sections": sorted({r["section"] for r in kept}),
+            "notes": [n for n in old.get("notes", []) if n.split(":")[0] not in rerun],
+            "durations_s": {k: v for k, v in old.get("durations_s", {}).items()
+                            if k not in rerun}}
+
+
 def run_all(profile: str, device: torch.device, sections: list[str],
-            out: Path | None = None, time_budget: float | None = None) -> dict[str, Any]:
+            out: Path | None = None, time_budget: float | None = None,
+            merge: bool = False) -> dict[str, Any]:
     """Run the ``sections`` of ``profile`` on ``device``; returns ``{environment, records, ...}``.
 
-    With ``out``, the result is written there after every section and every model record.
-    A section that raises is noted and the run goes on; once ``time_budget`` seconds have
-    passed, the sections left are skipped (noted).
+    With ``out``, the result is written there after every section and every model record;
+    with ``merge``, the records an earlier result in ``out`` has for the other sections are
+    kept (with that run's environment under ``merged``). A section that raises is noted and
+    the run goes on; once ``time_budget`` seconds have passed, the sections left are skipped
+    (noted).
     """
     p = PROFILES[profile]
     env = environment(device)
     notes: list[str] = []
     records: list[dict[str, Any]] = []
     durations: dict[str, float] = {}
+    kept = _kept(out, sections) if merge else None
     result = {"profile": profile, "config": {k: v for k, v in p.items()}, "environment": env,
               "durations_s": durations, "notes": notes, "records": records}
+    if kept:
+        result["merged"] = [{"sections": kept["sections"], "environment": kept["environment"]}]
     begin = time.perf_counter()
 
     def save(extra: list[dict[str, Any]] | None = None) -> None:
         if out is not None:
-            write_json(out, dict(result, records=records + (extra or [])))
+            payload = dict(result, records=records + (extra or []))
+            if kept:
+                payload["records"] = kept["records"] + payload["records"]
+                payload["notes"] = kept["notes"] + notes
+                payload["durations_s"] = {**kept["durations_s"], **durations}
+            write_json(out, payload)
 
     def timed(name: str, fn) -> None:
         if time_budget is not None and time.perf_counter() - begin > time_budget:
@@ -376,6 +409,9 @@ def run_all(profile: str, device: torch.device, sections: list[str],
         timed("drift", lambda: drift_records(env, p, device))
     env["load_average_at_end"] = list(os.getloadavg())
     save()
+    if kept:  # what was written: the kept records too
+        result["records"] = kept["records"] + records
+        result["notes"] = kept["notes"] + notes
     return result
 
 
@@ -397,6 +433,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds per device after which the remaining sections are "
                              "skipped (default: 300 for the cuda profile, none otherwise)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the records an existing result file has for the sections "
+                             "not run now (e.g. --sections models --merge)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     cpu_profile = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -425,7 +464,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
             warnings.filterwarnings("ignore", category=FutureWarning, module="memcnn")
-            result = run_all(profile, device, sections, out=path, time_budget=budget)
+            result = run_all(profile, device, sections, out=path, time_budget=budget,
+                             merge=args.merge)
         written.append(path)
         print(f"wrote {path}")
         for note in result["notes"]:

@@ -146,8 +146,13 @@ def _model_tables(records: list[dict[str, Any]], config: dict[str, Any]) -> list
     if not models:
         return []
     methods = ", ".join(sorted({r["method"] for r in models}))
-    lines = [f"### Whole models (batch {config['model_batch']}, synthetic inputs)", "",
-             f"Classifiers: cross-entropy; flows: negative log-likelihood. Act. peak: {_PEAK}; "
+    lines = [f"### Whole models (batch {config['model_batch']}, synthetic inputs)", ""]
+    if any("rng_state_bytes" not in r for r in models):
+        lines += ["These records predate the counting of RNG states (`rng_state_bytes` "
+                  "missing): held and peak figures of models that draw random numbers "
+                  "(i-RevNet's dropout) or checkpoint layers are too low; rerun "
+                  "`python benchmarks/run.py --sections models --merge`.", ""]
+    lines += [f"Classifiers: cross-entropy; flows: negative log-likelihood. Act. peak: {_PEAK}; "
              "held = kept between forward and backward (RNG states included on CPU, shown "
              f"apart); measured with {methods}. `+ckpt` = RevNet with "
              "`irreversible_memory=\"checkpoint\"` (stem, stride-2 transitions and head "
@@ -196,6 +201,9 @@ def run_tables(result: dict[str, Any]) -> list[str]:
     env, records, config = result["environment"], result["records"], result["config"]
     device = env["device_type"].upper()
     lines = [f"## {device} — profile `{result['profile']}`", "", _env_line(env), ""]
+    for earlier in result.get("merged", []):
+        lines += [f"Sections {', '.join(earlier['sections'])} were kept from an earlier run "
+                  f"(`--merge`): {_env_line(earlier['environment'])}", ""]
     if result.get("durations_s"):
         parts = ", ".join(f"{k} {v:.0f} s" for k, v in result["durations_s"].items())
         lines += [f"Section durations: {parts}.", ""]

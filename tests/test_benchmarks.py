@@ -256,3 +256,18 @@ def test_cuda_profile_writes_allocator_records_in_fp32_and_bf16(bench, tmp_path,
     stack = [r for r in result["records"] if r["section"] == "stack_depth"]
     assert stack and all(r["method"] == "cuda-allocator" for r in stack if r["mode"] != "memcnn")
     assert "## CUDA" in (tmp_path / "README.md").read_text()
+
+
+def test_merge_reruns_one_section_and_keeps_the_others(bench, tmp_path):
+    run = bench["run"]
+    out = tmp_path / "run_smoke_cpu.json"
+    first = run.run_all("smoke", torch.device("cpu"), ["drift"], out=out)
+    drift = [r for r in first["records"] if r["section"] == "drift"]
+    second = run.run_all("smoke", torch.device("cpu"), ["models"], out=out, merge=True)
+    on_disk = json.loads(out.read_text())
+    assert {r["section"] for r in on_disk["records"]} == {"drift", "models"}
+    assert [r for r in on_disk["records"] if r["section"] == "drift"] == drift
+    assert on_disk["merged"][0]["sections"] == ["drift"]
+    assert len(second["records"]) == len(on_disk["records"])
+    readme = "\n".join(bench["tables"].run_tables(on_disk))
+    assert "were kept from an earlier run" in readme
