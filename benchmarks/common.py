@@ -57,6 +57,7 @@ __all__ = [
     "subnet",
     "subprocess_rss_step",
     "time_interleaved",
+    "training_step",
     "write_json",
 ]
 
@@ -142,11 +143,6 @@ def square_loss(out: Any) -> Tensor:
 # ----------------------------------------------------------------------------- timing
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_interleaved(
     steps: dict[str, Callable[[], None]],
     repeats: int,
@@ -155,14 +151,21 @@ def time_interleaved(
 ) -> dict[str, dict[str, Any]]:
     """Median wall time of each ``steps[name]()``, the names' repeats interleaved.
 
-    Every round runs each step once; the order rotates from round to round, so that no step
-    always follows the same one (caches, allocator state, a neighbour's load spike hit all of
-    them alike). ``warmup`` untimed rounds come first.
+    Built on ``torch.utils.benchmark``: each sample is read with its clock
+    (``torch.utils.benchmark.timer``, which synchronises an accelerator before reading the
+    time) and the median is that of a ``torch.utils.benchmark.Measurement`` of the samples.
+    ``Timer.timeit`` itself is not used because it runs untimed warm-up calls before every
+    sample, which would break the interleaving and triple the cost. Every round runs each step
+    once; the order rotates from round to round, so that no step always follows the same one
+    (caches, allocator state, a neighbour's load spike hit all of them alike). ``warmup``
+    untimed rounds come first. ``device`` is kept for callers; the clock synchronises whatever
+    accelerator torch sees.
 
     Returns:
-        ``{name: {"median_s", "min_s", "q1_s", "q3_s", "samples_s"}}``.
+        ``{name: {"median_s", "min_s", "q1_s", "q3_s", "samples_s"}}`` (plain JSON types).
     """
-    device = torch.device(device)
+    from torch.utils.benchmark import Measurement, TaskSpec, timer
+
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -171,15 +174,16 @@ def time_interleaved(
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            _sync(device)
-            start = time.perf_counter()
+            start = timer()
             steps[name]()
-            _sync(device)
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(timer() - start)
     out = {}
+    threads = torch.get_num_threads()
     for name, values in samples.items():
+        measurement = Measurement(1, values, TaskSpec(stmt=f"{name}()", setup="", label=name,
+                                                      num_threads=threads))
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-        out[name] = {"median_s": statistics.median(values), "min_s": min(values),
+        out[name] = {"median_s": measurement.median, "min_s": min(values),
                      "q1_s": q[0], "q3_s": q[2], "samples_s": values}
     return out
 
@@ -219,26 +223,35 @@ class ResizeAwareTracker(TensorMemoryTracker):
         self.recount()
         return out
 
-    def _track(self, storage: torch.UntypedStorage, key: int) -> None:
-        if key in self._live or storage.nbytes() == 0:
+    def _track(self, t: Tensor, key: int, rng: bool = False) -> None:
+        if key in self._live or t.device.type != self.device_type:
             return
-        self._live.add(key)
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0:
+            return
+        self._live[key] = 0
         self._refs[key] = weakref.ref(storage)
-        weakref.finalize(storage, self._free, key, 0)
+        if rng:
+            self._rng.add(key)
+        weakref.finalize(storage, self._free, key, 0, True)
 
-    def _free(self, key: int, nbytes: int) -> None:
-        self._live.discard(key)
+    def _free(self, key: int, nbytes: int, counted: bool) -> None:
+        self._live.pop(key, None)
         self._refs.pop(key, None)
+        self._rng.discard(key)
 
     def recount(self) -> None:
         """Set ``current`` to the bytes held now by the tracked storages; update ``peak``."""
-        total = 0
-        for ref in list(self._refs.values()):
+        total = rng = 0
+        for key, ref in list(self._refs.items()):
             storage = ref()
             if storage is not None:
                 total += storage.nbytes()
-        self.current = total
+                if key in self._rng:
+                    rng += storage.nbytes()
+        self.current, self.rng_current = total, rng
         self.peak = max(self.peak, total)
+        self.rng_peak = max(self.rng_peak, rng)
 
 
 def measure_memory(model: nn.Module, x: Tensor, resize_aware: bool = False,
@@ -260,13 +273,14 @@ def measure_memory(model: nn.Module, x: Tensor, resize_aware: bool = False,
     with ResizeAwareTracker() as mem:
         out = model(x)
         mem.recount()
-        held = mem.current
+        held, rng = mem.current, mem.rng_current
         loss_fn(out).backward()
         del out
         mem.recount()
     for p in params:
         p.grad = None
-    return {"peak_bytes": mem.peak, "held_bytes": held, "method": "cpu-tensor-resize-aware",
+    return {"peak_bytes": mem.peak, "held_bytes": held, "rng_state_bytes": rng,
+            "method": "cpu-tensor-resize-aware",
             "grad_bytes": sum(p.numel() * p.element_size() for p in params),
             "device": device_name(x.device)}
 
@@ -279,51 +293,20 @@ def rss_coupling_stack(depth: int, channels: int, size: int, batch: int, memory:
     return models[memory], x
 
 
-_RSS_STEP_SCRIPT = r"""
-import json, sys
-spec = json.loads(sys.argv[1])
-sys.path.insert(0, spec["repo"])
-import torch
-torch.set_num_threads(spec["threads"])
-from benchmarks.common import rss_coupling_stack, square_loss
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return 1024 * int(line.split()[1])
-
-model, x = rss_coupling_stack(**spec["kwargs"])
-deltas = []
-for _ in range(2):  # a cold first step, then a warm one
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set (VmHWM) to the current one
-    before = status("VmRSS")
-    square_loss(model(x)).backward()
-    for p in model.parameters():
-        p.grad = None
-    deltas.append(status("VmHWM") - before)
-print(json.dumps({"cold_delta_bytes": deltas[0], "warm_delta_bytes": deltas[1]}))
-"""
-
-
 def subprocess_rss_step(kwargs: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
-    """Peak resident-set growth of a training step of :func:`rss_coupling_stack` (Linux).
+    """Peak resident-set growth of training steps of :func:`rss_coupling_stack`.
 
-    Runs in a fresh process; before each of two steps the kernel's peak-RSS mark is reset
-    (``/proc/self/clear_refs``), so the figure is the step's own peak over the RSS before it:
-    ``cold_delta_bytes`` (first step: one-off allocations included) and ``warm_delta_bytes``
-    (second step: the allocator may reuse memory it kept).
+    :func:`revtrain.memory.subprocess_peak_rss` in a fresh process (``psutil``; on Linux the
+    kernel's peak-RSS mark is reset before each step): ``cold_delta_bytes`` (first step:
+    one-off allocations included) and ``warm_delta_bytes`` (second step: the allocator may
+    reuse memory it kept).
     """
-    if not Path("/proc/self/clear_refs").exists():
-        raise RuntimeError("subprocess_rss_step needs Linux /proc (clear_refs)")
-    spec = json.dumps({"repo": str(REPO), "threads": torch.get_num_threads(), "kwargs": kwargs})
-    result = subprocess.run([sys.executable, "-c", _RSS_STEP_SCRIPT, spec], capture_output=True,
-                            text=True, timeout=timeout, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"subprocess_rss_step({kwargs}) failed:\n{result.stderr[-2000:]}")
-    record = json.loads(result.stdout.strip().splitlines()[-1])
-    record["method"] = "process-rss-hwm-reset"
-    return record
+    from revtrain.memory import subprocess_peak_rss
+
+    record = subprocess_peak_rss("benchmarks.common:rss_coupling_stack", kwargs, steps=2,
+                                 timeout=timeout)
+    cold, warm = record["step_deltas_bytes"]
+    return {"cold_delta_bytes": cold, "warm_delta_bytes": warm, "method": record["method"]}
 
 
 # ----------------------------------------------------------------------------- records

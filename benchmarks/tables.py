@@ -26,7 +26,15 @@ __all__ = ["write_tables", "engine_table", "run_tables", "linear_fit", "model_ra
 _MIB = 2**20
 # (baseline label, baseline mode, reversible label, target, memcnn's published ratio)
 MODEL_TARGETS = [("resnet110", "stored", "revnet110", 12.0, 9.5),
-                 ("resnet164", "stored", "revnet164", 8.0, 5.7)]
+                 ("resnet164", "stored", "revnet164", 8.0, 5.7),
+                 ("resnet110", "stored", "revnet110+ckpt", 12.0, 9.5),
+                 ("resnet164", "stored", "revnet164+ckpt", 8.0, 5.7),
+                 ("resnet110", "stored", "memcnn-revnet110", None, 9.5),
+                 ("resnet164", "stored", "memcnn-revnet164", None, 5.7),
+                 ("memcnn-resnet110", "stored", "memcnn-revnet110", None, 9.5),
+                 ("memcnn-resnet164", "stored", "memcnn-revnet164", None, 5.7)]
+_PEAK = ("activation peak = peak of one training step after a warm-up, minus what was held "
+         "before it, minus the parameter gradients")
 
 
 def _mib(n: float | None) -> str:
@@ -102,27 +110,90 @@ def engine_table(record: dict[str, Any]) -> list[str]:
 
 
 def model_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Activation-memory ratios baseline / reversible for the model pairs that were measured."""
-    by = {(r["model"], r["mode"]): r for r in records if r["section"] == "models"}
-    pairs = [(base, mode, rev, target, published) for base, mode, rev, target, published
-             in MODEL_TARGETS]
-    for label in sorted({r["model"] for r in records if r["section"] == "models"}):
-        if (label, "stored") in by and (label, "reversible") in by:
-            pairs.append((label, "stored", label, None, None))
+    """Activation-memory ratios baseline / reversible for the model pairs that were measured.
+
+    One row per pair and precision: the targets' pairs first, then each model against its own
+    stored twin. ``activation_peak_ratio`` and ``held_ratio`` divide the baseline's figure by
+    the reversible one's, both measured the same way in the same run.
+    """
+    models = [r for r in records if r["section"] == "models"]
     out = []
-    for base, mode, rev, target, published in pairs:
-        b, r = by.get((base, mode)), by.get((rev, "reversible"))
-        if b is None or r is None:
-            continue
-        ratio = b["activation_peak_bytes"] / r["activation_peak_bytes"]
-        out.append({"baseline": f"{base} ({mode})", "reversible": f"{rev} (reversible)",
-                    "activation_peak_ratio": ratio,
-                    "held_ratio": b["held_bytes"] / r["held_bytes"],
-                    "time_ratio": (r["step_s"] / b["step_s"]
-                                   if r.get("step_s") and b.get("step_s") else None),
-                    "target": target, "published_memcnn": published,
-                    "met": None if target is None else ratio >= target})
+    for precision in sorted({r.get("precision", "fp32") for r in models}):
+        by = {(r["model"], r["mode"]): r for r in models
+              if r.get("precision", "fp32") == precision}
+        pairs = list(MODEL_TARGETS)
+        for label in sorted({m for m, _ in by}):
+            if (label, "stored") in by and (label, "reversible") in by:
+                pairs.append((label, "stored", label, None, None))
+        for base, mode, rev, target, published in pairs:
+            b, r = by.get((base, mode)), by.get((rev, "reversible"))
+            if b is None or r is None:
+                continue
+            ratio = b["activation_peak_bytes"] / r["activation_peak_bytes"]
+            out.append({"baseline": f"{base} ({mode})", "reversible": f"{rev} (reversible)",
+                        "precision": precision, "activation_peak_ratio": ratio,
+                        "held_ratio": b["held_bytes"] / r["held_bytes"],
+                        "time_ratio": (r["step_s"] / b["step_s"]
+                                       if r.get("step_s") and b.get("step_s") else None),
+                        "target": target, "published_memcnn": published,
+                        "met": None if target is None else ratio >= target,
+                        "method": r.get("method")})
     return out
+
+
+def _model_tables(records: list[dict[str, Any]], config: dict[str, Any]) -> list[str]:
+    models = [r for r in records if r["section"] == "models"]
+    if not models:
+        return []
+    methods = ", ".join(sorted({r["method"] for r in models}))
+    lines = [f"### Whole models (batch {config['model_batch']}, synthetic inputs)", ""]
+    if any("rng_state_bytes" not in r for r in models):
+        lines += ["These records predate the counting of RNG states (`rng_state_bytes` "
+                  "missing): held and peak figures of models that draw random numbers "
+                  "(i-RevNet's dropout) or checkpoint layers are too low; rerun "
+                  "`python benchmarks/run.py --sections models --merge`.", ""]
+    lines += [f"Classifiers: cross-entropy; flows: negative log-likelihood. Act. peak: {_PEAK}; "
+             "held = kept between forward and backward (RNG states included on CPU, shown "
+             f"apart); measured with {methods}. `+ckpt` = RevNet with "
+             "`irreversible_memory=\"checkpoint\"` (stem, stride-2 transitions and head "
+             "checkpointed). `memcnn-*` = memcnn's own ports (`memcnn.models.resnet.ResNet`, "
+             "its experiments.json settings; RevNet-110's first wrapper patched with "
+             "`keep_input=True` to train under torch 2.x). Floor = output of the invertible "
+             "part + the largest unit's working set (its stored step in isolation); "
+             "`/ floor` = act. peak / floor. Step time: median of interleaved repeats "
+             "(fp32 only).", "",
+             "| model | impl | mode | precision | params | act. peak (MiB) | held (MiB) | "
+             "RNG states held (KiB) | floor (MiB) | act. peak / floor | step (s) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in models:
+        step = "—" if r.get("step_s") is None else f"{r['step_s']:.2f}"
+        rng = r.get("rng_state_bytes")
+        floor = r.get("floor_bytes")
+        rng_s = "—" if rng is None else f"{rng / 1024:.1f}"
+        ratio = "—" if floor is None else f"{r['floor_ratio']:.2f}"
+        lines.append(
+            f"| {r['model']} | {r.get('impl', 'revtrain')} | {r['mode']} | "
+            f"{r.get('precision', 'fp32')} | {r['params'] / 1e6:.2f}M | "
+            f"{_mib(r['activation_peak_bytes'])} | {_mib(r['held_bytes'])} | "
+            f"{rng_s} | {_mib(floor)} | {ratio} | {step} |")
+    lines += ["", "Ratios, baseline / reversible, both measured the same way in the same run "
+              f"({methods}): **act. peak ratio** = baseline act. peak / reversible act. peak; "
+              "**held ratio** = baseline held / reversible held; time ratio = reversible step "
+              "/ baseline step. memcnn's published figure is its GPU activation-memory ratio.",
+              "",
+              "| baseline | reversible | precision | act. peak ratio | held ratio | time ratio | "
+              "target (act. peak ratio) | memcnn published |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for q in model_ratios(records):
+        target = "—" if q["target"] is None else (
+            f"≥ {q['target']:g} ({'met' if q['met'] else 'MISSED'})")
+        pub = "—" if q["published_memcnn"] is None else f"{q['published_memcnn']:g}"
+        time_ratio = "—" if q["time_ratio"] is None else f"{q['time_ratio']:.2f}"
+        lines.append(f"| {q['baseline']} | {q['reversible']} | {q['precision']} | "
+                     f"{q['activation_peak_ratio']:.2f} | {q['held_ratio']:.2f} | "
+                     f"{time_ratio} | {target} | {pub} |")
+    lines.append("")
+    return lines
 
 
 def run_tables(result: dict[str, Any]) -> list[str]:
@@ -130,6 +201,9 @@ def run_tables(result: dict[str, Any]) -> list[str]:
     env, records, config = result["environment"], result["records"], result["config"]
     device = env["device_type"].upper()
     lines = [f"## {device} — profile `{result['profile']}`", "", _env_line(env), ""]
+    for earlier in result.get("merged", []):
+        lines += [f"Sections {', '.join(earlier['sections'])} were kept from an earlier run "
+                  f"(`--merge`): {_env_line(earlier['environment'])}", ""]
     if result.get("durations_s"):
         parts = ", ".join(f"{k} {v:.0f} s" for k, v in result["durations_s"].items())
         lines += [f"Section durations: {parts}.", ""]
@@ -214,30 +288,7 @@ def run_tables(result: dict[str, Any]) -> list[str]:
             lines.append(f"- {mode}: from depth {lo[0]} to {hi[0]} the cold RSS growth rises by "
                          f"{_mib(hi[1] - lo[1])} MiB, the tensor-level peak by {_mib(growth)} MiB")
         lines.append("")
-    models = [r for r in records if r["section"] == "models"]
-    if models:
-        lines += [f"### Whole models (batch {config['model_batch']})", "",
-                  "Classifiers: cross-entropy; flows: negative log-likelihood. Activation peak "
-                  "as above (peak of the step minus parameter gradients).", "",
-                  "| model | mode | input | params | act. peak (MiB) | held (MiB) | step (s) |",
-                  "|---|---|---|---:|---:|---:|---:|"]
-        for r in models:
-            step = "—" if r.get("step_s") is None else f"{r['step_s']:.2f}"
-            shape = "x".join(map(str, r.get("input_shape", [])))
-            lines.append(f"| {r['model']} | {r['mode']} | {shape} | {r['params'] / 1e6:.2f}M | "
-                         f"{_mib(r['activation_peak_bytes'])} | {_mib(r['held_bytes'])} | "
-                         f"{step} |")
-        lines += ["", "| baseline | reversible | act. peak ratio | held ratio | time ratio | "
-                  "target | memcnn published |", "|---|---|---:|---:|---:|---:|---:|"]
-        for q in model_ratios(records):
-            target = "—" if q["target"] is None else (
-                f"≥ {q['target']:g} ({'met' if q['met'] else 'MISSED'})")
-            pub = "—" if q["published_memcnn"] is None else f"{q['published_memcnn']:g}"
-            time_ratio = "—" if q["time_ratio"] is None else f"{q['time_ratio']:.2f}"
-            lines.append(f"| {q['baseline']} | {q['reversible']} | "
-                         f"{q['activation_peak_ratio']:.2f} | {q['held_ratio']:.2f} | "
-                         f"{time_ratio} | {target} | {pub} |")
-        lines.append("")
+    lines += _model_tables(records, config)
     drift = [r for r in records if r["section"] == "drift"]
     if drift:
         lines += ["### Reconstruction and gradient drift (reversible vs stored twin)", "",

@@ -150,6 +150,13 @@ class RevNet(MemoryModeMixin, nn.Module):
         dropout: dropout probability inside every residual function (replayed exactly in
             backward by the engine).
         strides: stride of each stage; default 1 for the first stage and 2 after.
+        irreversible_memory: how the parts a stack cannot rebuild (the stem, the
+            :class:`RevTransition` units and the head) keep what their backward needs:
+            ``"stored"`` (default, as in the paper) or ``"checkpoint"``
+            (``torch.utils.checkpoint``: each keeps only its input, which is the caller's
+            image or the output the stack before it holds anyway, and runs its forward
+            again in backward; BatchNorm statistics are still updated once). Applies while
+            the stacks are not stored: the stored twin stores everything.
 
     Input ``(B, in_channels, H, W)`` with ``H`` and ``W`` multiples of the total
     downsampling (:attr:`input_multiple`); output ``(B, num_classes)``.
@@ -166,11 +173,17 @@ class RevNet(MemoryModeMixin, nn.Module):
         memory: MemoryMode | str = "reversible",
         dropout: float = 0.0,
         strides: Sequence[int] | None = None,
+        irreversible_memory: MemoryMode | str = "stored",
     ):
         super().__init__()
         strides = _check_arch("RevNet", units, channels, strides, stem, in_channels,
                               num_classes, dropout)
         memory = MemoryMode.parse(memory)
+        self.irreversible_memory = MemoryMode.parse(irreversible_memory)
+        if self.irreversible_memory is MemoryMode.REVERSIBLE:
+            raise ValueError("RevNet: irreversible_memory='reversible' is not possible; the stem, "
+                             "transitions and head are not invertible. Use 'stored' or "
+                             "'checkpoint'")
         expand = 4 if bottleneck else 1
         widths = [channels[0]] + [c * expand for c in channels[1:]]
         step = 8 if bottleneck else 2
@@ -203,13 +216,27 @@ class RevNet(MemoryModeMixin, nn.Module):
         self.stages = nn.Sequential(*stages)
         self.head = ClassifierHead(widths[-1], num_classes)
 
+    def _irreversible(self, part: nn.Module, x: Tensor) -> Tensor:
+        """Run a part no stack can rebuild, checkpointed if :attr:`irreversible_memory` says so."""
+        if (self.irreversible_memory is MemoryMode.CHECKPOINT and torch.is_grad_enabled()
+                and self.memory is not MemoryMode.STORED):
+            from ._checkpoint import checkpoint_module
+
+            return checkpoint_module(part, x)
+        return part(x)
+
     def features(self, x: Tensor) -> Tensor:
         """The last stage's output, ``(B, C, H / m, W / m)`` with ``m = input_multiple``."""
         check_input(x, type(self).__name__, self.in_channels, self.input_multiple)
-        return self.stages(self.stem(x))
+        x = self._irreversible(self.stem, x)
+        for stage in self.stages:
+            if stage.transition is not None:
+                x = self._irreversible(stage.transition, x)
+            x = stage.blocks(x)
+        return x
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))  # (B, num_classes)
+        return self._irreversible(self.head, self.features(x))  # (B, num_classes)
 
 
 class ResidualUnit(nn.Module):

@@ -5,6 +5,7 @@ accounting they rely on is right (checked against a deliberately wrong one).
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import subprocess
@@ -25,7 +26,7 @@ def bench():
     torch.set_num_threads(1)  # tiny tensors: one thread is faster on a shared machine
     try:
         yield {name: importlib.import_module(f"benchmarks.{name}")
-               for name in ("common", "engine", "run", "tables")}
+               for name in ("common", "engine", "run", "tables", "whole_models")}
     finally:
         torch.set_num_threads(threads)
         sys.path.remove(str(ROOT))
@@ -149,3 +150,124 @@ def test_engine_smoke_writes_ratios(bench, tmp_path):
     calls = record["subnet_calls_per_step"]  # fused: one extra evaluation, memcnn: two
     assert calls["reversible"] == 2 * calls["stored"] and calls["memcnn"] == 3 * calls["stored"]
     assert record["memory"]["reversible"]["held_bytes"] < record["memory"]["stored"]["held_bytes"]
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+def test_memcnn_revnet110_port_needs_the_patch_and_the_patch_is_exact(bench):
+    """memcnn's RevNet-110 as shipped fails under torch 2.x (its first wrapper frees the
+    stem ReLU's output); with ``keep_input=True`` on that wrapper it trains, and its gradients
+    equal those of the same port with every wrapper keeping its input."""
+    import memcnn
+
+    wm = bench["whole_models"]
+    x, labels = torch.rand(2, 3, 8, 8), torch.arange(2)
+
+    def grads(model):
+        torch.nn.functional.cross_entropy(model(x), labels).backward()
+        return [p.grad for p in model.parameters()]
+
+    torch.manual_seed(0)
+    shipped = wm.memcnn_port("revnet110", patch=False)
+    with pytest.raises(RuntimeError, match="inplace"):
+        grads(shipped)
+    torch.manual_seed(0)
+    patched = wm.memcnn_port("revnet110")
+    reference = copy.deepcopy(patched)
+    for module in reference.modules():
+        if isinstance(module, memcnn.InvertibleModuleWrapper):
+            module.keep_input = True
+    for a, b in zip(grads(patched), grads(reference)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in patched.parameters()) == 1_854_890  # memcnn's JOSS count
+
+
+def test_physical_floor_is_output_plus_the_largest_unit(bench):
+    import revtrain
+
+    wm = bench["whole_models"]
+    torch.manual_seed(0)
+    net = revtrain.models.create("revnet_digits")
+    x = torch.rand(4, 1, 8, 8)
+    floor = wm.physical_floor(net, x)
+    with torch.no_grad():
+        out = revtrain.set_memory(copy.deepcopy(net), "stored").features(x)
+    assert floor["floor_output_bytes"] == out.numel() * 4
+    assert floor["floor_bytes"] == floor["floor_output_bytes"] + floor["floor_unit_bytes"]
+    assert floor["floor_unit"] in {"stem", "stages.1.transition", "head"} or ".layers." in \
+        floor["floor_unit"]
+    # no model trains below its floor; the stored twin is well above it
+    stored = wm.measure_entry(wm.ENTRIES["smoke"][0], 4, torch.device("cpu"), floor=floor)
+    assert stored["floor_ratio"] > 1.5
+    units = [name for name, _ in wm._floor_units(net)]
+    assert "stages.0.blocks.layers.0" in units and "head" in units
+
+
+def test_whole_model_records_in_bf16_and_a_failing_model_is_noted(bench, tmp_path, monkeypatch):
+    """The CUDA profile's code path on CPU: fp32 and bf16 records, floors, a model that
+    fails is noted and the others are kept, the JSON is written as the run goes."""
+    run, wm = bench["run"], bench["whole_models"]
+    tiny = dict(run.PROFILES["smoke"], models="test", model_precisions=["fp32", "bf16"])
+    broken = wm.Entry(dict(wm.ENTRIES["smoke"][0], label="broken", name="no_such_model"))
+    monkeypatch.setitem(wm.ENTRIES, "test", [wm.ENTRIES["smoke"][1], broken])
+    monkeypatch.setitem(run.ENTRIES, "test", wm.ENTRIES["test"])
+    monkeypatch.setitem(run.PROFILES, "test", tiny)
+    out = tmp_path / "run_test_cpu.json"
+    result = run.run_all("test", torch.device("cpu"), ["models"], out=out)
+    models = [r for r in result["records"] if r["section"] == "models"]
+    assert {(r["model"], r["precision"]) for r in models} == {("revnet_digits", "fp32"),
+                                                             ("revnet_digits", "bf16")}
+    assert all(r["floor_ratio"] > 0 and r["rng_state_bytes"] == 0 for r in models)
+    assert any("no_such_model" in n for n in result["notes"])
+    on_disk = json.loads(out.read_text())
+    assert len(on_disk["records"]) == len(result["records"])
+    lines = "\n".join(bench["tables"].run_tables(on_disk))
+    assert "| revnet_digits | revtrain | reversible | bf16 |" in lines
+
+
+def test_time_budget_skips_the_remaining_sections(bench, tmp_path):
+    result = bench["run"].run_all("smoke", torch.device("cpu"), ["models", "drift"],
+                                  out=tmp_path / "r.json", time_budget=0.0)
+    assert result["records"] == []
+    assert sum("time budget" in n for n in result["notes"]) == 2
+    assert json.loads((tmp_path / "r.json").read_text())["notes"] == result["notes"]
+
+
+def test_device_cuda_without_cuda_says_so(bench, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(SystemExit):
+        bench["run"].main(["--device", "cuda", "--out", str(tmp_path)])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_profile_writes_allocator_records_in_fp32_and_bf16(bench, tmp_path, monkeypatch):
+    run = bench["run"]
+    tiny = dict(run.PROFILES["smoke"], models="smoke", model_precisions=["fp32", "bf16"],
+                rss=[])
+    monkeypatch.setitem(run.PROFILES, "cuda", tiny)
+    run.main(["--device", "cuda", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "run_cuda_cuda.json").read_text())
+    models = [r for r in result["records"] if r["section"] == "models"]
+    assert {r["precision"] for r in models} == {"fp32", "bf16"}
+    assert all(r["method"] == "cuda-allocator" for r in models)
+    stack = [r for r in result["records"] if r["section"] == "stack_depth"]
+    assert stack and all(r["method"] == "cuda-allocator" for r in stack if r["mode"] != "memcnn")
+    assert "## CUDA" in (tmp_path / "README.md").read_text()
+
+
+def test_merge_reruns_one_section_and_keeps_the_others(bench, tmp_path):
+    run = bench["run"]
+    out = tmp_path / "run_smoke_cpu.json"
+    first = run.run_all("smoke", torch.device("cpu"), ["drift"], out=out)
+    drift = [r for r in first["records"] if r["section"] == "drift"]
+    second = run.run_all("smoke", torch.device("cpu"), ["models"], out=out, merge=True)
+    on_disk = json.loads(out.read_text())
+    assert {r["section"] for r in on_disk["records"]} == {"drift", "models"}
+    assert [r for r in on_disk["records"] if r["section"] == "drift"] == drift
+    assert on_disk["merged"][0]["sections"] == ["drift"]
+    assert len(second["records"]) == len(on_disk["records"])
+    readme = "\n".join(bench["tables"].run_tables(on_disk))
+    assert "were kept from an earlier run" in readme
