@@ -220,7 +220,7 @@ class RevNet(MemoryModeMixin, nn.Module):
         """Run a part no stack can rebuild, checkpointed if :attr:`irreversible_memory` says so."""
         if (self.irreversible_memory is MemoryMode.CHECKPOINT and torch.is_grad_enabled()
                 and self.memory is not MemoryMode.STORED):
-            from ._checkpoint import checkpoint_module
+            from revtrain.sequential import checkpoint_module
 
             return checkpoint_module(part, x)
         return part(x)

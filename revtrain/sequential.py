@@ -24,7 +24,7 @@ from .engine import (
 from .modes import MemoryMode
 from .state import ModuleState, cuda_devices_of, rebuilding
 
-__all__ = ["ReversibleSequential"]
+__all__ = ["ReversibleSequential", "checkpoint_module"]
 
 
 class ReversibleSequential(InvertibleModule):
@@ -309,3 +309,16 @@ class _CheckpointReplay:
         self.state.check(self.where)
         with rebuilding(), self.state.replay():
             yield
+
+
+def checkpoint_module(module: nn.Module, *args) -> Tensor:
+    """``module(*args)`` keeping only its inputs for backward (non-reentrant checkpoint).
+
+    For the non-invertible parts of a model (a RevNet's stem and transitions): the forward runs
+    again in backward with the forward's random numbers, parameter tensors, train / eval modes and
+    buffer values, and leaves every buffer as it found it (BatchNorm statistics are updated once
+    per step). Recomputing more than once (``retain_graph``, ``jacobian``) works.
+    """
+    replay = _CheckpointReplay(module, type(module).__name__)
+    return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=True,
+                      context_fn=replay.contexts)

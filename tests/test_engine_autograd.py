@@ -654,3 +654,25 @@ def test_loss_on_an_intermediate_layer_output():
         (y.sum() + outputs[0].square().sum()).backward()
         results[mode] = [x.grad, *(p.grad for p in model.parameters())]
     all_close(results["reversible"], results["stored"], "loss on a layer's output")
+
+
+def test_checkpoint_module_recomputes_repeatedly_with_statistics_updated_once():
+    from revtrain.sequential import checkpoint_module
+
+    torch.manual_seed(0)
+    part = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Dropout(0.2)).double()
+    reference = copy.deepcopy(part)
+    x = x_of(2, 3, 5, 5).requires_grad_()
+    torch.manual_seed(1)
+    out = checkpoint_module(part, x).square().sum()
+    torch.manual_seed(1)
+    expected = reference(x).square().sum()
+    (want,) = torch.autograd.grad(expected, x)
+    out.backward(retain_graph=True)
+    first = x.grad.clone()
+    out.backward()
+    close(first, want, "first backward")
+    close(x.grad, 2 * want, "second backward through the retained graph")
+    for name, value in part.named_buffers():
+        close(value, dict(reference.named_buffers())[name], name)
