@@ -159,6 +159,7 @@ def rss_records(env: dict[str, Any], p: dict[str, Any]) -> list[dict[str, Any]]:
                              rss_warm_delta_bytes=ours["warm_delta_bytes"],
                              method=ours["method"],
                              subprocess_peak_rss_delta_bytes=lib["peak_delta_bytes"],
+                             subprocess_peak_rss_steady_delta_bytes=lib["steady_delta_bytes"],
                              step_s=None))
     return records
 

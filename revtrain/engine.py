@@ -423,6 +423,8 @@ class ReversibleCall:
                 self._keep_rng(leaf, x, start, end)
             else:
                 warn_unreplayed(where)
+        for record in leaf.subnets.values():  # only the kept copies outlive the forward
+            record.start = record.end = None
         if self.tolerance is not None and not torch.isfinite(y).all():
             raise ReconstructionError(f"{where} produced NaN or Inf in forward; a non-finite output "
                                       "cannot be inverted (check the input and the weights)")

@@ -363,8 +363,16 @@ def hwm():
     with open("/proc/self/status") as f:
         return next(1024 * int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
 
+try:  # glibc: give freed heap memory back first, so each step's peak is its own
+    import ctypes
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):
+    trim = None
+
 deltas = []
 for _ in range(spec["steps"]):
+    if trim is not None:
+        trim(0)
     before = proc.memory_info().rss
     if linux:
         with open("/proc/self/clear_refs", "w") as f:
@@ -398,10 +406,12 @@ def subprocess_peak_rss(
     ``(model, example_input)``. Each step's figure is its peak resident set over the resident
     set before it (``psutil``): on Linux the kernel's peak-RSS mark is reset before each step
     (``/proc/self/clear_refs``) and read after it (``VmHWM``, exact); elsewhere ``psutil``
-    is polled every 0.5 ms during the step (may miss short peaks). Returns
-    ``peak_delta_bytes`` (the first step, one-off allocations included: later steps reuse
-    memory the allocator kept, so their growth is small), ``step_deltas_bytes`` (every step)
-    and ``method``. A coarse cross-check of :func:`measure_step` on CPU. The child process sees
+    is polled every 0.5 ms during the step (may miss short peaks). With glibc, freed heap memory
+    is returned to the system (``malloc_trim``) before each step, so that a later step's figure
+    is its own peak and not hidden by memory the allocator kept. Returns ``peak_delta_bytes``
+    (the first step, one-off allocations included), ``steady_delta_bytes`` (the largest later
+    step: the figure to compare between memory modes), ``step_deltas_bytes`` (every step) and
+    ``method``. A coarse cross-check of :func:`measure_step` on CPU. The child process sees
     the caller's ``sys.path``, so a factory importable here is importable there.
     """
     spec = json.dumps({"factory": factory, "kwargs": kwargs or {}, "steps": steps})
@@ -412,6 +422,7 @@ def subprocess_peak_rss(
         raise RuntimeError(f"subprocess_peak_rss({factory!r}) failed:\n{result.stderr[-2000:]}")
     record = json.loads(result.stdout.strip().splitlines()[-1])
     record["peak_delta_bytes"] = record["step_deltas_bytes"][0]
+    record["steady_delta_bytes"] = max(record["step_deltas_bytes"][1:], default=record["peak_delta_bytes"])
     record["method"] = ("process-peak-rss-hwm-reset" if record["hwm_reset"]
                         else "process-rss-psutil-polled")
     return record
