@@ -19,6 +19,9 @@ from revtrain import models
 from revtrain.models.irevnet import IRevNet, IRevNetBlock
 from revtrain.models.revnet import ResNet, RevNet
 
+# tiny models at test size: one intra-op thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # what the tests need to know about each classifier comes from the registry's metadata
 INFOS = {n: models.model_info(n) for n in models.list_models(task="classification")}
 BIG = [n for n, i in INFOS.items() if i.input_size[-1] > 64]  # ImageNet size: meta device
