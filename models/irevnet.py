@@ -280,7 +280,7 @@ def irevnet(**kwargs) -> IRevNet:
                       "dropout": 0.1, **kwargs})
 
 
-@register_model(input_size=(3, 224, 224), paper=_AUTHORS)
+@register_model(input_size=(3, 224, 224), paper_params=125e6, paper=_AUTHORS)
 def irevnet_b(**kwargs) -> IRevNet:
     """Bijective i-RevNet (b) for ImageNet (authors' command): blocks 6-16-72-6, strides
     2-2-2-2, channels 24-96-384-1536, initial space-to-depth 2."""
