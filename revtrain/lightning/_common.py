@@ -13,7 +13,8 @@ from ..modes import MemoryMode
 from ..sequential import ReversibleSequential
 from ..testing import stored_twin
 
-__all__ = ["build_model", "configure_optim", "eval_mode", "reversible_stacks", "stored_twin"]
+__all__ = ["StepsBySplit", "build_model", "configure_optim", "eval_mode", "reversible_stacks",
+           "stored_twin"]
 
 
 def reversible_stacks(model: nn.Module) -> list[ReversibleSequential]:
@@ -57,3 +58,23 @@ def configure_optim(
     if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
         config["monitor"] = "val/loss"
     return {"optimizer": opt, "lr_scheduler": config}
+
+
+class StepsBySplit:
+    """``training_step`` / ``validation_step`` / ``test_step`` as ``self._step(batch, split)``
+    for a LightningModule, and the count of tested images (``test/images``)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    def log_tested(self, split: str, n: int) -> None:
+        """Count the images scored in test (with ``limit_test_batches``, over every rank)."""
+        if split == "test":
+            self.log("test/images", float(n), reduce_fx="sum", sync_dist=True, on_step=False,
+                     on_epoch=True, batch_size=n)

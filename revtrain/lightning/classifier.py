@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from ._common import build_model, configure_optim, eval_mode
+from ._common import StepsBySplit, build_model, configure_optim, eval_mode
 
 __all__ = ["Classifier"]
 
@@ -22,7 +22,7 @@ def _default_sgd(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
 
 
-class Classifier(pl.LightningModule):
+class Classifier(StepsBySplit, pl.LightningModule):
     r"""Train a registered classifier with cross-entropy.
 
     Minimises :math:`\mathcal{L} = -\frac{1}{B}\sum_i \log \mathrm{softmax}(f(x_i))_{y_i}`
@@ -109,19 +109,8 @@ class Classifier(pl.LightningModule):
                  sync_dist=not on_step, batch_size=len(y))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split != "train",
                       batch_size=len(y))
-        if split == "test":  # how many images were scored (limit_test_batches, several ranks)
-            self.log("test/images", float(len(y)), reduce_fx="sum", sync_dist=True,
-                     on_step=False, on_epoch=True, batch_size=len(y))
+        self.log_tested(split, len(y))
         return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

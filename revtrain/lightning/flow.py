@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ..flows.dequant import UniformDequantization, VariationalDequantization, bits_per_dim
-from ._common import build_model, configure_optim, eval_mode
+from ._common import StepsBySplit, build_model, configure_optim, eval_mode
 
 __all__ = ["FlowModule"]
 
@@ -22,7 +22,7 @@ def _default_adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
 
-class FlowModule(pl.LightningModule):
+class FlowModule(StepsBySplit, pl.LightningModule):
     r"""Train a flow (``nice``, ``realnvp``, ``glow``) by maximum likelihood.
 
     A batch of images in :math:`[0, 1]` on a grid of ``num_bins`` values (the DataModule's
@@ -207,19 +207,8 @@ class FlowModule(pl.LightningModule):
         self.log(f"{split}/nll", nll_metric, on_step=False, on_epoch=True, batch_size=len(x))
         self.log(f"{split}/bpd", bpd_metric, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(x))
-        if split == "test":  # how many images were scored (limit_test_batches, several ranks)
-            self.log("test/images", float(len(x)), reduce_fx="sum", sync_dist=True,
-                     on_step=False, on_epoch=True, batch_size=len(x))
+        self.log_tested(split, len(x))
         return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.nll_and_bpd(batch[0] if isinstance(batch, (tuple, list)) else batch)[1]
