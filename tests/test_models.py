@@ -52,7 +52,8 @@ def grads_of(model, x, seed: int = 0):
     x = x.clone().requires_grad_(True)
     torch.manual_seed(seed)
     out = model(x)
-    loss = (out * torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)).square().sum()
+    weights = torch.linspace(-1, 1, out.shape[1], dtype=out.dtype, device=out.device)
+    loss = (out * weights).square().sum()
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -197,13 +198,14 @@ def test_contract(name):
 
 @pytest.mark.parametrize("memory", ["reversible", "checkpoint"])
 @pytest.mark.parametrize("name", REVERSIBLE_SMALL)
-def test_gradients_equal_stored_twin_fp64(name, memory):
+def test_gradients_equal_stored_twin_fp64(name, memory, device):
+    """On ``pytest --device cuda`` too (tests/conftest.py)."""
     torch.manual_seed(0)
-    model = models.create(name, memory=memory).double()
+    model = models.create(name, memory=memory).double().to(device)
     twin = copy.deepcopy(model).set_memory("stored")
     assert model.memory is revtrain.MemoryMode(memory)
     assert twin.memory is revtrain.MemoryMode.STORED
-    x = example(name, model)
+    x = example(name, model).to(device)
     assert_grads_equal(grads_of(model, x), grads_of(twin, x))
     # BatchNorm running statistics updated exactly once, as in the twin
     for (k, a), b in zip(model.named_buffers(), twin.buffers()):
