@@ -2,9 +2,12 @@
 
 >>> import revtrain
 >>> model = revtrain.models.create("revnet38", num_classes=10)
->>> revtrain.models.list_models()
+>>> model.memory.value
+'reversible'
+>>> "revnet38" in revtrain.models.list_models()
+True
 """
 
-from ._registry import create, list_models, register_model
+from ._registry import ModelInfo, create, list_models, model_info, register_model
 
-__all__ = ["create", "list_models", "register_model"]
+__all__ = ["ModelInfo", "create", "list_models", "model_info", "register_model"]

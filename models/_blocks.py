@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from revtrain import MemoryMode, ReversibleSequential, set_memory
-
 __all__ = [
     "basic_residual",
     "bottleneck_residual",
@@ -19,9 +17,6 @@ __all__ = [
     "conv_stem",
     "ClassifierHead",
     "check_input",
-    "set_memory",
-    "memory_of",
-    "MemoryModeMixin",
 ]
 
 
@@ -143,26 +138,3 @@ def check_input(x: Tensor, owner: str, channels: int, multiple: int) -> None:
             f"{owner} expects input of shape {expected}, because it downsamples by "
             f"{multiple}; got {tuple(x.shape)}. Pad or crop the image to such a size"
         )
-
-
-def memory_of(module: nn.Module) -> MemoryMode:
-    """The memory mode shared by the stacks of ``module`` (``STORED`` when it has none)."""
-    modes = {m.memory for m in module.modules() if isinstance(m, ReversibleSequential)}
-    if len(modes) > 1:
-        raise RuntimeError(f"the stacks of {type(module).__name__} have mixed memory modes "
-                           f"{sorted(m.value for m in modes)}; call set_memory(mode)")
-    return modes.pop() if modes else MemoryMode.STORED
-
-
-class MemoryModeMixin:
-    """``memory`` property and ``set_memory(mode)`` over every stack of the model."""
-
-    @property
-    def memory(self) -> MemoryMode:
-        """The memory mode of the model's reversible stacks."""
-        return memory_of(self)
-
-    def set_memory(self, mode: MemoryMode | str):
-        """Run every reversible stack in ``mode``; returns the model. Parameters unchanged."""
-        set_memory(self, mode)
-        return self

@@ -38,7 +38,6 @@ from revtrain import (
     Coupling,
     MemoryMode,
     ReversibleSequential,
-    set_memory,
 )
 from revtrain.base import InvertibleModule
 from revtrain.flows import (
@@ -59,6 +58,7 @@ from revtrain.flows import (
     split_sizes,
 )
 from revtrain.layers import Squeeze
+from revtrain.modes import MemoryModeMixin
 
 from ._registry import register_model
 
@@ -66,21 +66,12 @@ __all__ = ["FlowModel", "VectorFlow", "MultiScaleFlow", "glow_step", "glow_level
            "nice", "realnvp", "glow"]
 
 
-class FlowModel(InvertibleModule):
-    """Common part of the flow models: ``log_prob``, ``sample`` and the ``memory`` switch."""
+class FlowModel(MemoryModeMixin, InvertibleModule):
+    """Common part of the flow models: ``log_prob``, ``sample`` and the ``memory`` switch
+    (:class:`revtrain.modes.MemoryModeMixin`)."""
 
     prior: nn.Module
     num_dims: int
-
-    @property
-    def memory(self) -> MemoryMode:
-        """The memory mode of the model's reversible stacks; assign to switch all of them."""
-        stacks = [m for m in self.modules() if isinstance(m, ReversibleSequential)]
-        return stacks[0].memory
-
-    @memory.setter
-    def memory(self, value: MemoryMode | str) -> None:
-        set_memory(self, value)
 
     def log_prob(self, x: Tensor) -> Tensor:
         r""":math:`\log p(x)` per sample, shape ``(batch,)``, in nats."""
@@ -98,6 +89,9 @@ class FlowModel(InvertibleModule):
 class VectorFlow(FlowModel):
     """A flow on vectors ``(B, D)``: one reversible stack of layers and a base density.
 
+    Input of any shape ``(B, ...)`` with ``D`` entries per sample (e.g. 8x8 images for
+    ``D = 64``) is flattened to ``(B, D)``; samples and ``inverse`` are ``(B, D)``.
+
     Args:
         dim: ``D``.
         layers: invertible layers mapping ``(B, D)`` to ``(B, D)``.
@@ -113,10 +107,10 @@ class VectorFlow(FlowModel):
         self.prior = prior
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if x.dim() != 2 or x.shape[1] != self.num_dims:
-            raise ValueError(f"{type(self).__name__}: expects vectors (B, {self.num_dims}), got "
-                             f"shape {tuple(x.shape)}")
-        return self.flow.forward_and_log_det(x)
+        if x.dim() < 2 or x[0].numel() != self.num_dims:
+            raise ValueError(f"{type(self).__name__}: expects vectors (B, {self.num_dims}) or "
+                             f"samples of {self.num_dims} entries, got shape {tuple(x.shape)}")
+        return self.flow.forward_and_log_det(x.flatten(1))  # (B, D)
 
     def inverse(self, z: Tensor) -> Tensor:
         return self.flow.inverse(z)
@@ -233,7 +227,7 @@ def glow_level(in_channels: int, steps: int, hidden: int, squeeze: bool = True,
     return ReversibleSequential(*layers, memory=memory)
 
 
-@register_model
+@register_model(input_size=(3, 32, 32), paper="Glow (Kingma & Dhariwal 2018)")
 def glow(in_channels: int = 3, image_size: int = 32, levels: int = 3, steps: int = 32,
          hidden: int = 512, clamp: float = 2.0, lu: bool = True, split_prior: bool = True,
          memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> MultiScaleFlow:
@@ -266,7 +260,7 @@ def _coupling(net: nn.Module, mask: ChannelMask | CheckerboardMask,
     return Coupling(net, None, Additive() if clamp is None else Affine(clamp), split=mask)
 
 
-@register_model
+@register_model(input_size=(3, 32, 32), paper="RealNVP (Dinh et al. 2016)")
 def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden: int = 64,
             dim: int | None = None, num_layers: int = 8, depth: int = 2, clamp: float = 2.0,
             alpha: float = 0.05, actnorm: bool = True, split_prior: bool = False,
@@ -321,7 +315,7 @@ def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden:
                           factored, shapes)
 
 
-@register_model
+@register_model(input_size=(784,), paper="NICE (Dinh et al. 2014)")
 def nice(dim: int = 784, num_layers: int = 4, hidden: int = 1000, depth: int = 5,
          prior: str = "logistic", memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> VectorFlow:
     """NICE (Dinh et al. 2014): additive couplings with alternating masks, diagonal scaling.

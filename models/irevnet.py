@@ -47,8 +47,9 @@ from revtrain import (
     SwapHalves,
 )
 from revtrain.base import zero_log_det
+from revtrain.modes import MemoryModeMixin
 
-from ._blocks import ClassifierHead, MemoryModeMixin, check_input
+from ._blocks import ClassifierHead, check_input
 from ._registry import register_model
 
 __all__ = ["IRevNetBlock", "IRevNet", "irevnet", "irevnet_a", "irevnet_b", "irevnet_digits"]
@@ -203,6 +204,7 @@ class IRevNet(MemoryModeMixin, nn.Module):
         self.stack = ReversibleSequential(*layers, memory=memory)
         self.feature_channels = c
         self.head = ClassifierHead(c, num_classes)
+        self.memory = memory
 
     @property
     def bijective(self) -> bool:
@@ -238,27 +240,32 @@ class IRevNet(MemoryModeMixin, nn.Module):
         return x
 
 
-@register_model
-def irevnet(num_classes: int = 10, in_channels: int = 3, memory: str = "reversible",
-            dropout: float = 0.1, mult: int = 4) -> IRevNet:
+# --- registered models -------------------------------------------------------------------------
+# Each entry point fixes its configuration and passes every other keyword (num_classes,
+# in_channels, memory, dropout, mult, ...) on to IRevNet; a keyword the caller gives wins.
+
+_AUTHORS = "i-RevNet (Jacobsen et al. 2018), authors' repository"
+
+
+@register_model(input_size=(3, 32, 32), paper=_AUTHORS)
+def irevnet(**kwargs) -> IRevNet:
     """i-RevNet for CIFAR (authors' CIFAR command): blocks 18-18-18, strides 1-2-2, channels
     16-64-256, no initial downsampling, injective padding 3 -> 32 channels, dropout 0.1."""
-    return IRevNet([18, 18, 18], [1, 2, 2], [16, 64, 256], in_channels, num_classes, 0, mult,
-                   dropout, True, memory)
+    return IRevNet(**{"blocks": [18, 18, 18], "strides": [1, 2, 2], "channels": [16, 64, 256],
+                      "dropout": 0.1, **kwargs})
 
 
-@register_model
-def irevnet_b(num_classes: int = 1000, in_channels: int = 3, memory: str = "reversible",
-              dropout: float = 0.0, mult: int = 4) -> IRevNet:
+@register_model(input_size=(3, 224, 224), paper_params=125e6, paper=_AUTHORS)
+def irevnet_b(**kwargs) -> IRevNet:
     """Bijective i-RevNet (b) for ImageNet (authors' command): blocks 6-16-72-6, strides
     2-2-2-2, channels 24-96-384-1536, initial space-to-depth 2."""
-    return IRevNet([6, 16, 72, 6], [2, 2, 2, 2], [24, 96, 384, 1536], in_channels,
-                   num_classes, 2, mult, dropout, True, memory)
+    return IRevNet(**{"blocks": [6, 16, 72, 6], "strides": [2, 2, 2, 2],
+                      "channels": [24, 96, 384, 1536], "init_ds": 2, "num_classes": 1000,
+                      **kwargs})
 
 
-@register_model
-def irevnet_a(num_classes: int = 1000, in_channels: int = 3, memory: str = "reversible",
-              dropout: float = 0.0, mult: int = 4) -> IRevNet:
+@register_model(input_size=(3, 224, 224), paper="i-RevNet (Jacobsen et al. 2018): our stand-in")
+def irevnet_a(**kwargs) -> IRevNet:
     """Injective i-RevNet for ImageNet, our stand-in for the paper's (a).
 
     The authors' code and README give only (b)'s configuration. This one keeps (b)'s depth
@@ -266,14 +273,14 @@ def irevnet_a(num_classes: int = 1000, in_channels: int = 3, memory: str = "reve
     at 56x56), zero padding to 56 channels, strides 1-2-2-2 and channels 28-112-448-1792:
     169.7M parameters, 6% below the 181M the paper reports for (a).
     """
-    return IRevNet([6, 16, 72, 6], [1, 2, 2, 2], [28, 112, 448, 1792], in_channels,
-                   num_classes, 4, mult, dropout, True, memory)
+    return IRevNet(**{"blocks": [6, 16, 72, 6], "strides": [1, 2, 2, 2],
+                      "channels": [28, 112, 448, 1792], "init_ds": 4, "num_classes": 1000,
+                      **kwargs})
 
 
-@register_model
-def irevnet_digits(num_classes: int = 10, in_channels: int = 1, memory: str = "reversible",
-                   dropout: float = 0.0, mult: int = 2) -> IRevNet:
+@register_model(input_size=(1, 8, 8))
+def irevnet_digits(**kwargs) -> IRevNet:
     """A small i-RevNet for 8x8 grey digits: blocks 2-2, strides 1-2, channels 8-32,
     injective padding 1 -> 16 channels."""
-    return IRevNet([2, 2], [1, 2], [8, 32], in_channels, num_classes, 0, mult, dropout, True,
-                   memory)
+    return IRevNet(**{"blocks": [2, 2], "strides": [1, 2], "channels": [8, 32],
+                      "in_channels": 1, "mult": 2, **kwargs})

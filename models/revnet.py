@@ -14,7 +14,7 @@ units, a 1x1 projection for bottleneck units), and its activations are stored.
 
 ``memory="stored"`` builds the stored-activation twin: the same modules and parameters
 (identical ``state_dict`` keys) run with ordinary autograd. ``memory="checkpoint"`` uses
-``torch.utils.checkpoint`` per block. :meth:`RevNet.set_memory` switches an existing model.
+``torch.utils.checkpoint`` per block. ``model.memory = mode`` switches an existing model.
 
 Reference:
     Gomez, Ren, Urtasun, Grosse, "The Reversible Residual Network: Backpropagation Without
@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from revtrain import AdditiveCoupling, MemoryMode, ReversibleSequential
+from revtrain.modes import MemoryModeMixin
 
 from ._blocks import (
     ClassifierHead,
-    MemoryModeMixin,
     ZeroPadShortcut,
     basic_residual,
     bottleneck_residual,
@@ -178,7 +178,7 @@ class RevNet(MemoryModeMixin, nn.Module):
         super().__init__()
         strides = _check_arch("RevNet", units, channels, strides, stem, in_channels,
                               num_classes, dropout)
-        memory = MemoryMode.parse(memory)
+        memory = MemoryMode.parse(memory)  # a bad mode fails before a large model is built
         self.irreversible_memory = MemoryMode.parse(irreversible_memory)
         if self.irreversible_memory is MemoryMode.REVERSIBLE:
             raise ValueError("RevNet: irreversible_memory='reversible' is not possible; the stem, "
@@ -215,6 +215,7 @@ class RevNet(MemoryModeMixin, nn.Module):
             stages.append(_Stage(transition, blocks))
         self.stages = nn.Sequential(*stages)
         self.head = ClassifierHead(widths[-1], num_classes)
+        self.memory = memory
 
     def _irreversible(self, part: nn.Module, x: Tensor) -> Tensor:
         """Run a part no stack can rebuild, checkpointed if :attr:`irreversible_memory` says so."""
@@ -265,6 +266,8 @@ class ResNet(MemoryModeMixin, nn.Module):
     invertible stage to rebuild; use the RevNet of the same table row for memory savings.
     """
 
+    reversible_alternative = "the RevNet of the same size: revnet38 for resnet32"
+
     def __init__(
         self,
         units: Sequence[int],
@@ -280,7 +283,8 @@ class ResNet(MemoryModeMixin, nn.Module):
         super().__init__()
         strides = _check_arch("ResNet", units, channels, strides, stem, in_channels,
                               num_classes, dropout)
-        self._check_memory(memory)
+        if MemoryMode.parse(memory) is not MemoryMode.STORED:  # before building anything
+            raise self.no_reversible_part(memory)
         expand = 4 if bottleneck else 1
         widths = [channels[0]] + [c * expand for c in channels[1:]]
         self.in_channels, self.num_classes = in_channels, num_classes
@@ -296,20 +300,6 @@ class ResNet(MemoryModeMixin, nn.Module):
         self.stages = nn.Sequential(*stages)
         self.head = ClassifierHead(widths[-1], num_classes)
 
-    @staticmethod
-    def _check_memory(memory: MemoryMode | str) -> None:
-        if MemoryMode.parse(memory) is not MemoryMode.STORED:
-            raise ValueError(
-                f"ResNet: memory={MemoryMode.parse(memory).value!r} is not available; a ResNet "
-                "has no invertible layers and always stores its activations (memory='stored'). "
-                "Use the RevNet of the same size (e.g. revnet38 for resnet32) to save memory"
-            )
-
-    def set_memory(self, mode: MemoryMode | str):
-        """Only ``"stored"`` is accepted (see the class docstring); returns the model."""
-        self._check_memory(mode)
-        return self
-
     def features(self, x: Tensor) -> Tensor:
         """The last stage's output, ``(B, C, H / m, W / m)`` with ``m = input_multiple``."""
         check_input(x, type(self).__name__, self.in_channels, self.input_multiple)
@@ -319,75 +309,71 @@ class ResNet(MemoryModeMixin, nn.Module):
         return self.head(self.features(x))  # (B, num_classes)
 
 
-# --- registered models: RevNet paper, Table 1 -------------------------------------------------
+# --- registered models: RevNet paper, Table 1 ---------------------------------------------------
+# Each entry point fixes the architecture of its table row and passes every other keyword
+# (num_classes, in_channels, memory, dropout, strides, ...) on to the class; a keyword the
+# caller gives wins over the row's value.
 
-@register_model
-def revnet38(num_classes: int = 10, in_channels: int = 3, memory: str = "reversible",
-             dropout: float = 0.0) -> RevNet:
-    """RevNet-38 (CIFAR): units 3-3-3, channels 32-32-64-112, basic; 0.46M in the paper."""
-    return RevNet([3, 3, 3], [32, 32, 64, 112], False, "cifar", in_channels, num_classes,
-                  memory, dropout)
-
-
-@register_model
-def revnet110(num_classes: int = 10, in_channels: int = 3, memory: str = "reversible",
-              dropout: float = 0.0) -> RevNet:
-    """RevNet-110 (CIFAR): units 9-9-9, channels 32-32-64-128, basic; 1.73M in the paper."""
-    return RevNet([9, 9, 9], [32, 32, 64, 128], False, "cifar", in_channels, num_classes,
-                  memory, dropout)
+_CIFAR = (3, 32, 32)
+_IMAGENET = (3, 224, 224)
+_TABLE1 = "RevNet paper (Gomez et al. 2017), Table 1"
 
 
-@register_model
-def revnet164(num_classes: int = 10, in_channels: int = 3, memory: str = "reversible",
-              dropout: float = 0.0) -> RevNet:
-    """RevNet-164 (CIFAR): units 9-9-9, channels 32-32-64-128, bottleneck; 1.75M in the paper."""
-    return RevNet([9, 9, 9], [32, 32, 64, 128], True, "cifar", in_channels, num_classes,
-                  memory, dropout)
+@register_model(input_size=_CIFAR, paper_params=0.46e6, paper=_TABLE1)
+def revnet38(**kwargs) -> RevNet:
+    """RevNet-38 (CIFAR): units 3-3-3, channels 32-32-64-112, basic."""
+    return RevNet(**{"units": [3, 3, 3], "channels": [32, 32, 64, 112], **kwargs})
 
 
-@register_model
-def revnet104(num_classes: int = 1000, in_channels: int = 3, memory: str = "reversible",
-              dropout: float = 0.0) -> RevNet:
-    """RevNet-104 (ImageNet): units 2-2-11-2, channels 128-128-256-512-832, bottleneck; 45.2M."""
-    return RevNet([2, 2, 11, 2], [128, 128, 256, 512, 832], True, "imagenet", in_channels,
-                  num_classes, memory, dropout)
+@register_model(input_size=_CIFAR, paper_params=1.73e6, paper=_TABLE1)
+def revnet110(**kwargs) -> RevNet:
+    """RevNet-110 (CIFAR): units 9-9-9, channels 32-32-64-128, basic."""
+    return RevNet(**{"units": [9, 9, 9], "channels": [32, 32, 64, 128], **kwargs})
 
 
-@register_model
-def revnet_digits(num_classes: int = 10, in_channels: int = 1, memory: str = "reversible",
-                  dropout: float = 0.0) -> RevNet:
-    """A small RevNet for 8x8 grey digits (sklearn): units 3-3, channels 16-16-32, basic."""
-    return RevNet([3, 3], [16, 16, 32], False, "cifar", in_channels, num_classes, memory,
-                  dropout)
+@register_model(input_size=_CIFAR, paper_params=1.75e6, paper=_TABLE1)
+def revnet164(**kwargs) -> RevNet:
+    """RevNet-164 (CIFAR): units 9-9-9, channels 32-32-64-128, bottleneck."""
+    return RevNet(**{"units": [9, 9, 9], "channels": [32, 32, 64, 128], "bottleneck": True,
+                     **kwargs})
 
 
-@register_model
-def resnet32(num_classes: int = 10, in_channels: int = 3, memory: str = "stored",
-             dropout: float = 0.0) -> ResNet:
-    """ResNet-32 (CIFAR): units 5-5-5, channels 16-16-32-64, basic; 0.46M in the paper."""
-    return ResNet([5, 5, 5], [16, 16, 32, 64], False, "cifar", in_channels, num_classes,
-                  memory, dropout)
+@register_model(input_size=_IMAGENET, paper_params=45.2e6, paper=_TABLE1)
+def revnet104(**kwargs) -> RevNet:
+    """RevNet-104 (ImageNet): units 2-2-11-2, channels 128-128-256-512-832, bottleneck."""
+    return RevNet(**{"units": [2, 2, 11, 2], "channels": [128, 128, 256, 512, 832],
+                     "bottleneck": True, "stem": "imagenet", "num_classes": 1000, **kwargs})
 
 
-@register_model
-def resnet110(num_classes: int = 10, in_channels: int = 3, memory: str = "stored",
-              dropout: float = 0.0) -> ResNet:
-    """ResNet-110 (CIFAR): units 18-18-18, channels 16-16-32-64, basic; 1.73M in the paper."""
-    return ResNet([18, 18, 18], [16, 16, 32, 64], False, "cifar", in_channels, num_classes,
-                  memory, dropout)
+@register_model(input_size=(1, 8, 8))
+def revnet_digits(**kwargs) -> RevNet:
+    """A small RevNet for scikit-learn's 8x8 grey digits: units 3-3, channels 16-16-32, basic."""
+    return RevNet(**{"units": [3, 3], "channels": [16, 16, 32], "in_channels": 1, **kwargs})
 
 
-@register_model
-def resnet164(num_classes: int = 10, in_channels: int = 3, memory: str = "stored",
-              dropout: float = 0.0) -> ResNet:
-    """ResNet-164 (CIFAR): units 18-18-18, channels 16-16-32-64, bottleneck; 1.70M."""
-    return ResNet([18, 18, 18], [16, 16, 32, 64], True, "cifar", in_channels, num_classes,
-                  memory, dropout)
+@register_model(input_size=_CIFAR, paper_params=0.46e6, paper=_TABLE1, reversible=False)
+def resnet32(**kwargs) -> ResNet:
+    """ResNet-32 (CIFAR), RevNet-38's baseline: units 5-5-5, channels 16-16-32-64, basic."""
+    return ResNet(**{"units": [5, 5, 5], "channels": [16, 16, 32, 64], **kwargs})
 
 
-@register_model
-def resnet101(num_classes: int = 1000, in_channels: int = 3, memory: str = "stored",
-              dropout: float = 0.0) -> ResNet:
-    """ResNet-101 (ImageNet): units 3-4-23-3, channels 64-64-128-256-512, bottleneck; 44.5M."""
-    return ResNet([3, 4, 23, 3], [64, 64, 128, 256, 512], True, "imagenet", in_channels,
-                  num_classes, memory, dropout)
+@register_model(input_size=_CIFAR, paper_params=1.73e6, paper=_TABLE1, reversible=False)
+def resnet110(**kwargs) -> ResNet:
+    """ResNet-110 (CIFAR), RevNet-110's baseline: units 18-18-18, channels 16-16-32-64."""
+    return ResNet(**{"units": [18, 18, 18], "channels": [16, 16, 32, 64], **kwargs})
+
+
+@register_model(input_size=_CIFAR, paper_params=1.70e6, paper=_TABLE1, reversible=False)
+def resnet164(**kwargs) -> ResNet:
+    """ResNet-164 (CIFAR), RevNet-164's baseline: units 18-18-18, channels 16-16-32-64,
+    bottleneck."""
+    return ResNet(**{"units": [18, 18, 18], "channels": [16, 16, 32, 64], "bottleneck": True,
+                     **kwargs})
+
+
+@register_model(input_size=_IMAGENET, paper_params=44.5e6, paper=_TABLE1, reversible=False)
+def resnet101(**kwargs) -> ResNet:
+    """ResNet-101 (ImageNet), RevNet-104's baseline: units 3-4-23-3, channels
+    64-64-128-256-512, bottleneck."""
+    return ResNet(**{"units": [3, 4, 23, 3], "channels": [64, 64, 128, 256, 512],
+                     "bottleneck": True, "stem": "imagenet", "num_classes": 1000, **kwargs})

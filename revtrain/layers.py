@@ -6,7 +6,10 @@ zero channel padding, and a fixed channel permutation (including the half swap).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import InvertibleModule, zero_log_det
@@ -18,22 +21,37 @@ class Squeeze(InvertibleModule):
     r"""Invertible space-to-depth: ``(B, C, H, W) -> (B, C k^2, H / k, W / k)``.
 
     The i-RevNet "psi" / Glow "squeeze" operator; a permutation of elements, log-det 0.
-    Output channel ``c * k * k + i * k + j`` holds pixel ``(k h + i, k w + j)`` of channel ``c``.
+    Output channel ``c * k * k + i * k + j`` holds pixel ``(k h + i, k w + j)`` of channel ``c``:
+    :func:`torch.nn.functional.pixel_unshuffle`, and ``inverse`` is ``pixel_shuffle``.
 
     Args:
-        factor: the block size ``k`` (2 by default); ``H`` and ``W`` must be multiples of it.
+        block_size: the block size ``k`` (2 by default); ``H`` and ``W`` must be multiples of it.
+        factor: deprecated name of ``block_size``.
+
+    >>> Squeeze(2)(torch.arange(16.0).reshape(1, 1, 4, 4))[0, :, 0, 0]
+    tensor([0., 1., 4., 5.])
     """
 
-    def __init__(self, factor: int = 2):
+    def __init__(self, block_size: int = 2, factor: int | None = None):
         super().__init__()
-        if not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"Squeeze: factor must be a positive int, got {factor!r}")
-        self.factor = factor
+        if factor is not None:
+            warnings.warn("Squeeze(factor=...) is now Squeeze(block_size=...)", FutureWarning,
+                          stacklevel=2)
+            block_size = factor
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"Squeeze: block_size must be a positive int, got {block_size!r}")
+        self.block_size = block_size
+
+    @property
+    def factor(self) -> int:
+        """Deprecated name of :attr:`block_size`."""
+        warnings.warn("Squeeze.factor is now Squeeze.block_size", FutureWarning, stacklevel=2)
+        return self.block_size
 
     def _check(self, x: Tensor) -> None:
         if x.dim() != 4:
             raise ValueError(f"Squeeze expects (B, C, H, W), got shape {tuple(x.shape)}")
-        k = self.factor
+        k = self.block_size
         if x.shape[2] % k or x.shape[3] % k:
             raise ValueError(
                 f"Squeeze: height and width must be multiples of {k}, got {x.shape[2]}x"
@@ -42,23 +60,17 @@ class Squeeze(InvertibleModule):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x)
-        b, c, h, w = x.shape
-        k = self.factor
-        y = x.reshape(b, c, h // k, k, w // k, k)  # (B, C, H/k, i, W/k, j)
-        y = y.permute(0, 1, 3, 5, 2, 4).reshape(b, c * k * k, h // k, w // k)
-        return y, zero_log_det(x)
+        return F.pixel_unshuffle(x, self.block_size), zero_log_det(x)  # (B, C k^2, H/k, W/k)
 
     def inverse(self, y: Tensor) -> Tensor:
-        k = self.factor
-        b, ck2, h, w = y.shape
-        if ck2 % (k * k):
-            raise ValueError(f"Squeeze.inverse: {ck2} channels is not a multiple of {k * k}")
-        c = ck2 // (k * k)
-        x = y.reshape(b, c, k, k, h, w).permute(0, 1, 4, 2, 5, 3)  # (B, C, H/k, i, W/k, j)
-        return x.reshape(b, c, h * k, w * k)
+        k = self.block_size
+        if y.dim() != 4 or y.shape[1] % (k * k):
+            raise ValueError(f"Squeeze.inverse: expects (B, C {k * k}, h, w), got shape "
+                             f"{tuple(y.shape)}: the channels must be a multiple of {k * k}")
+        return F.pixel_shuffle(y, k)  # (B, C, h k, w k)
 
     def extra_repr(self) -> str:
-        return f"factor={self.factor}"
+        return f"block_size={self.block_size}"
 
 
 class InjectivePad(InvertibleModule):
@@ -95,7 +107,19 @@ class InjectivePad(InvertibleModule):
 
 
 class ChannelPermute(InvertibleModule):
-    """A fixed permutation of the channels (dimension 1), log-det 0."""
+    """A fixed permutation of the channels (dimension 1), log-det 0.
+
+    Glow's "reverse" and "shuffle" alternatives to the invertible 1x1 convolution (Kingma &
+    Dhariwal 2018, sec. 3.2) are ``ChannelPermute(torch.arange(C).flip(0))`` and
+    ``ChannelPermute(torch.randperm(C))``. The permutation is a buffer: it is saved with the
+    model.
+
+    Args:
+        permutation: output channel ``i`` is input channel ``permutation[i]``.
+
+    >>> ChannelPermute([2, 0, 1])(torch.tensor([[10.0, 11.0, 12.0]]))
+    tensor([[12., 10., 11.]])
+    """
 
     def __init__(self, permutation: Tensor | list[int]):
         super().__init__()
@@ -117,6 +141,9 @@ class ChannelPermute(InvertibleModule):
     def inverse(self, y: Tensor) -> Tensor:
         self._check(y)
         return y.index_select(1, self.inverse_permutation)
+
+    def extra_repr(self) -> str:
+        return f"channels={len(self.permutation)}"
 
 
 class SwapHalves(InvertibleModule):

@@ -189,3 +189,21 @@ def test_imagefolder_errors(tmp_path):
         ImageNetDataModule(root=str(tmp_path), image_size=16, num_workers=0).setup("fit")
     with pytest.raises(FileNotFoundError, match="val"):
         ImageNetDataModule(root=str(tmp_path / "train"), num_workers=0).setup("fit")
+
+
+# --- DataLoader workers -----------------------------------------------------------------------
+
+
+def test_workers_fit_the_machine(monkeypatch):
+    """Issue 13: 4 or 8 workers on 2 cores made torch and Lightning warn in every run. The
+    default is one worker per core but one, capped per data set; digits, in memory, uses none."""
+    from revtrain.lightning import data
+
+    for cores, cifar, imagenet in [(2, 1, 1), (8, 4, 7), (64, 4, 8), (1, 0, 0)]:
+        monkeypatch.setattr(data, "available_cpus", lambda cores=cores: cores)
+        assert CIFAR10DataModule().num_workers == cifar
+        assert ImageNetDataModule().num_workers == imagenet
+    assert CIFAR10DataModule(num_workers=3).num_workers == 3
+    assert DigitsDataModule().num_workers == 0 and DigitsDataModule.in_memory
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        CIFAR10DataModule(num_workers=-1)

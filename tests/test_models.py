@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import io
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,45 +19,18 @@ from revtrain import models
 from revtrain.models.irevnet import IRevNet, IRevNetBlock
 from revtrain.models.revnet import ResNet, RevNet
 
+# tiny models at test size: one intra-op thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@dataclass(frozen=True)
-class Spec:
-    size: int  # input height = width used in the tests
-    paper: float | None  # parameter count in the paper's table (None: not given)
-    invertible: bool = False  # i-RevNet: model.inverse(features) rebuilds the input
-    big: bool = False  # ImageNet size: meta-device tests only (and one slow real test)
-
-
-# RevNet paper (Gomez et al. 2017) Table 1; i-RevNet paper (Jacobsen et al. 2018) Table 1.
-SPECS = {
-    "revnet38": Spec(8, 0.46e6),
-    "revnet110": Spec(8, 1.73e6),
-    "revnet164": Spec(8, 1.75e6),
-    "revnet104": Spec(64, 45.2e6, big=True),
-    "revnet_digits": Spec(8, None),
-    "resnet32": Spec(8, 0.46e6),
-    "resnet110": Spec(8, 1.73e6),
-    "resnet164": Spec(8, 1.70e6),
-    "resnet101": Spec(64, 44.5e6, big=True),
-    "irevnet": Spec(8, None, invertible=True),
-    "irevnet_b": Spec(64, 125e6, invertible=True, big=True),
-    "irevnet_a": Spec(64, None, invertible=True, big=True),
-    "irevnet_digits": Spec(8, None, invertible=True),
-}
-SMALL = [n for n, s in SPECS.items() if not s.big]
-REVERSIBLE_SMALL = [n for n in SMALL if not n.startswith("resnet")]
-BIG = [n for n, s in SPECS.items() if s.big]
+# what the tests need to know about each classifier comes from the registry's metadata
+INFOS = {n: models.model_info(n) for n in models.list_models(task="classification")}
+BIG = [n for n, i in INFOS.items() if i.input_size[-1] > 64]  # ImageNet size: meta device
+SMALL = [n for n in INFOS if n not in BIG]
+REVERSIBLE_SMALL = [n for n in SMALL if INFOS[n].reversible]
+INVERTIBLE = [n for n in INFOS if INFOS[n].family == "irevnet"]  # model.inverse(features)
 PARAM_TOLERANCE = 0.02
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these models are tiny at test size; on a loaded 2-core box, intra-op threads make
-    # every op tens of times slower (measured), so run this module single-threaded
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TEST_SIZE = 8  # input height = width of the small models in the tests (a multiple of their
+# total downsampling; the registered input size is what they were made for)
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -71,7 +43,7 @@ def within(count: int, paper: float, tol: float = PARAM_TOLERANCE) -> bool:
 
 def example(name: str, model, batch: int = 2, dtype=torch.float64, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    s = SPECS[name].size
+    s = TEST_SIZE
     return torch.randn(batch, model.in_channels, s, s, generator=gen, dtype=dtype)
 
 
@@ -80,7 +52,8 @@ def grads_of(model, x, seed: int = 0):
     x = x.clone().requires_grad_(True)
     torch.manual_seed(seed)
     out = model(x)
-    loss = (out * torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)).square().sum()
+    weights = torch.linspace(-1, 1, out.shape[1], dtype=out.dtype, device=out.device)
+    loss = (out * weights).square().sum()
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -100,28 +73,96 @@ def assert_grads_equal(a, b, rtol=1e-8):
 
 # --- registry ------------------------------------------------------------------------------
 
-def test_registry_lists_every_classifier():
-    listed = set(models.list_models())
-    assert set(SPECS) <= listed
-    ours = {n for n in listed if n.startswith(("revnet", "resnet", "irevnet"))}
-    assert ours == set(SPECS), "a new classifier needs an entry in SPECS"
+def test_registry_metadata_of_every_classifier():
+    assert {"revnet38", "resnet32", "irevnet", "revnet_digits"} <= set(INFOS)
+    for name, info in INFOS.items():
+        assert info.name == name and info.family in ("revnet", "irevnet"), name
+        assert len(info.input_size) == 3 and info.description, name
+        assert info.reversible == (not name.startswith("resnet")), name
+    assert models.model_info("revnet38").paper_params == 0.46e6
+    assert models.list_models(family="irevnet") == ["irevnet", "irevnet_a", "irevnet_b",
+                                                     "irevnet_digits"]
+    assert set(models.list_models(task="density")) >= {"nice", "realnvp", "glow"}
+
+
+def test_entry_points_pass_keywords_through():
+    model = models.create("revnet38", strides=[1, 2, 1], dropout=0.1, num_classes=3)
+    assert model.input_multiple == 2  # one stride-2 stage instead of two
+    assert model(torch.randn(1, 3, 6, 6)).shape == (1, 3)
+    # a keyword the caller gives wins over the table row's value
+    assert len(models.create("revnet38", units=[1, 1, 1]).stages[0].blocks) == 1
+    assert models.create("irevnet_digits", blocks=[1, 1]).stack.__len__() == 2
+
+
+def test_registry_errors_say_what_to_use():
+    with pytest.raises(ValueError, match="unknown model 'revnet39'; did you mean 'revnet38'"):
+        models.create("revnet39")
+    with pytest.raises(TypeError, match="no argument 'num_clases' .did you mean 'num_classes'"):
+        models.create("revnet38", num_clases=3)
+
+
+def test_register_model_as_plain_decorator_and_with_metadata():
+    from revtrain.models import _registry
+
+    try:
+        @models.register_model
+        def tiny_plain(**kwargs) -> torch.nn.Module:
+            """A plain registration."""
+            return torch.nn.Linear(2, 2)
+
+        @models.register_model(input_size=(2,), paper_params=6, reversible=False)
+        def tiny_meta(**kwargs) -> torch.nn.Module:
+            """With metadata."""
+            return torch.nn.Linear(2, 2)
+
+        plain, meta = models.model_info("tiny_plain"), models.model_info("tiny_meta")
+        assert plain.family == "test_models" and plain.input_size is None
+        assert plain.description == "A plain registration."
+        assert meta.input_size == (2,) and meta.paper_params == 6 and not meta.reversible
+        assert isinstance(models.create("tiny_plain"), torch.nn.Linear)
+        with pytest.raises(ValueError, match="registered twice"):
+            models.register_model(tiny_plain)
+        with pytest.raises(TypeError, match="unknown metadata"):
+            models.register_model(input_shape=(2,))
+    finally:
+        _registry._MODELS.pop("tiny_plain", None)
+        _registry._MODELS.pop("tiny_meta", None)
+
+
+def test_one_memory_mode_api_for_every_family():
+    """``memory=`` at construction, ``model.memory`` to read and set, for classifiers and flows;
+    one error for a model with nothing reversible."""
+    for name, kwargs in [("revnet_digits", {}), ("irevnet_digits", {}),
+                         ("nice", {"dim": 4, "hidden": 4, "depth": 1}),
+                         ("realnvp", {"in_channels": 1, "image_size": 4, "levels": 1,
+                                      "hidden": 4})]:
+        model = models.create(name, memory="checkpoint", **kwargs)
+        stacks = [m for m in model.modules() if isinstance(m, revtrain.ReversibleSequential)]
+        assert stacks and {s.memory for s in stacks} == {revtrain.MemoryMode.CHECKPOINT}, name
+        assert model.memory is revtrain.MemoryMode.CHECKPOINT
+        model.memory = "stored"
+        assert {s.memory for s in stacks} == {revtrain.MemoryMode.STORED}, name
+        assert model.set_memory("reversible") is model
+        assert model.memory is revtrain.MemoryMode.REVERSIBLE
+    resnet = models.create("resnet32")
+    assert resnet.memory is revtrain.MemoryMode.STORED
+    resnet.memory = "stored"  # accepted: it is what runs
+    for bad in (lambda: models.create("resnet32", memory="reversible"),
+                lambda: setattr(resnet, "memory", "checkpoint"),
+                lambda: resnet.set_memory("reversible")):
+        with pytest.raises(ValueError, match="ResNet has no reversible stack.*revnet38"):
+            bad()
 
 
 def test_unknown_memory_mode_is_rejected():
     with pytest.raises(ValueError, match="not a memory mode"):
         models.create("revnet38", memory="bogus")
-    with pytest.raises(ValueError, match="always stores its activations"):
-        models.create("resnet32", memory="reversible")
-    with pytest.raises(ValueError, match="always stores"):
-        models.create("resnet32").set_memory("checkpoint")
 
 
-def test_set_memory_switches_every_stack():
+def test_mixed_memory_modes_are_reported():
     model = models.create("revnet_digits")
     stacks = [m for m in model.modules() if isinstance(m, revtrain.ReversibleSequential)]
     assert len(stacks) == 2
-    assert model.set_memory("checkpoint") is model
-    assert {s.memory for s in stacks} == {revtrain.MemoryMode.CHECKPOINT}
     stacks[0].memory = revtrain.MemoryMode.STORED  # mixed by hand: reported, not guessed
     with pytest.raises(RuntimeError, match="mixed memory modes"):
         _ = model.memory
@@ -145,8 +186,7 @@ def test_contract(name):
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
-    twin_memory = "stored"
-    fresh = models.create(name, num_classes=7, memory=twin_memory)
+    fresh = models.create(name, num_classes=7, memory="stored")
     assert fresh.state_dict().keys() == model.state_dict().keys()
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     model.eval()
@@ -158,13 +198,14 @@ def test_contract(name):
 
 @pytest.mark.parametrize("memory", ["reversible", "checkpoint"])
 @pytest.mark.parametrize("name", REVERSIBLE_SMALL)
-def test_gradients_equal_stored_twin_fp64(name, memory):
+def test_gradients_equal_stored_twin_fp64(name, memory, device):
+    """On ``pytest --device cuda`` too (tests/conftest.py)."""
     torch.manual_seed(0)
-    model = models.create(name, memory=memory).double()
+    model = models.create(name, memory=memory).double().to(device)
     twin = copy.deepcopy(model).set_memory("stored")
     assert model.memory is revtrain.MemoryMode(memory)
     assert twin.memory is revtrain.MemoryMode.STORED
-    x = example(name, model)
+    x = example(name, model).to(device)
     assert_grads_equal(grads_of(model, x), grads_of(twin, x))
     # BatchNorm running statistics updated exactly once, as in the twin
     for (k, a), b in zip(model.named_buffers(), twin.buffers()):
@@ -193,12 +234,12 @@ def test_every_parameter_gets_a_gradient():
 
 # --- parameter counts ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", list(INFOS))
 def test_parameter_count_matches_the_paper(name):
     with torch.device("meta"):
         model = models.create(name)
     count = n_params(model)
-    paper = SPECS[name].paper
+    paper = INFOS[name].paper_params
     if paper is None:
         assert count > 0
         return
@@ -209,7 +250,7 @@ def test_parameter_check_rejects_a_wrong_architecture():
     # RevNet-38 with RevNet-110's last stage width (128 instead of 112): 25% too many
     with torch.device("meta"):
         wrong = RevNet([3, 3, 3], [32, 32, 64, 128])
-    assert not within(n_params(wrong), SPECS["revnet38"].paper)
+    assert not within(n_params(wrong), INFOS["revnet38"].paper_params)
 
 
 def irevnet_param_formula(blocks, strides, channels, in_channels, init_ds, mult, classes):
@@ -261,7 +302,7 @@ def reconstruction_error(model, x) -> float:
         return (model.inverse(model.features(x)) - x).abs().max().item()
 
 
-@pytest.mark.parametrize("name", [n for n in SMALL if SPECS[n].invertible])
+@pytest.mark.parametrize("name", [n for n in SMALL if n in INVERTIBLE])
 def test_irevnet_inverse_rebuilds_the_input(name):
     torch.manual_seed(0)
     model = models.create(name)
@@ -327,7 +368,7 @@ def test_revnet_memory_flat_in_units_per_stage(memory, flat):
 def test_bad_input_names_the_expected_shape(name):
     model = models.create(name)
     c, m = model.in_channels, model.input_multiple
-    s = SPECS[name].size
+    s = TEST_SIZE
     with pytest.raises(ValueError, match=rf"expects input of shape \(B, {c}, H, W\)"):
         model(torch.randn(2, c + 1, s, s))
     with pytest.raises(ValueError, match=rf"multiples of {m}.*got \(2, {c}, {s + 1}, {s}\)"):

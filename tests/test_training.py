@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 from functools import partial
 
 import pytest
@@ -26,20 +27,14 @@ from revtrain.lightning import (
     PeakMemoryMonitor,
     ReconstructionMonitor,
     RNGStateCallback,
+    SampleGrid,
 )
 from revtrain.lightning._common import reversible_stacks
 
 SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is fastest, and on a shared 2-core machine
-    more threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def _trainer(tmp_path, **kw) -> pl.Trainer:
@@ -80,6 +75,22 @@ def test_memory_mode_reaches_every_stack():
     module = _classifier(memory="stored")
     stacks = reversible_stacks(module.net)
     assert stacks and all(s.memory.value == "stored" for s in stacks)
+    assert module.hparams.memory == "stored"
+
+
+def test_memory_on_a_model_with_nothing_reversible_is_refused_and_saved_as_what_runs():
+    """The bug of issue 14: Classifier("resnet32", memory="reversible") trained stored while its
+    hyper-parameters said reversible. Now one rule: refused, and the default is what runs."""
+    with pytest.raises(ValueError, match="ResNet has no reversible stack.*memory='stored'"):
+        Classifier("resnet32", memory="reversible")
+    with pytest.raises(ValueError, match="ResNet has no reversible stack"):
+        Classifier("resnet32", memory="checkpoint")
+    assert Classifier("resnet32").hparams.memory == "stored"
+    assert Classifier("resnet32", memory="stored").net.memory.value == "stored"
+    module = Classifier("revnet_digits", in_channels=1)
+    assert module.hparams.memory == "reversible" == module.net.memory.value
+    assert Classifier("revnet_digits", in_channels=1, memory="checkpoint").net.memory.value \
+        == "checkpoint"
 
 
 def test_classifier_rejects_data_it_cannot_take(tmp_path):
@@ -105,8 +116,19 @@ def test_classifier_rejects_data_it_cannot_take(tmp_path):
 
 
 def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown model 'revnet_nope'.*revnet38"):
+    with pytest.raises(ValueError, match="unknown model 'revnet_nope'; did you mean"):
         Classifier("revnet_nope")
+    with pytest.raises(TypeError, match="did you mean 'dropout'"):
+        Classifier("revnet_digits", model_kwargs={"droput": 0.1})
+
+
+def test_test_split_counts_the_images_it_scored(tmp_path):
+    module = _classifier()
+    dm = DigitsDataModule(eval_batch_size=100)
+    trainer = _trainer(tmp_path, limit_test_batches=2)
+    assert trainer.test(module, dm, verbose=False)[0]["test/images"] == 200
+    trainer = _trainer(tmp_path)
+    assert trainer.test(module, dm, verbose=False)[0]["test/images"] == 360  # all of it
 
 
 # --- callbacks -------------------------------------------------------------------------------
@@ -120,8 +142,40 @@ def test_monitors_log_memory_and_small_reconstruction_error(tmp_path):
     trainer.fit(module, DigitsDataModule(batch_size=32))
     metrics = trainer.callback_metrics
     assert metrics["mem/peak_rss_mib"] > 10  # a Python process with torch is larger than 10 MiB
+    assert "mem/peak_allocated_mib" not in metrics  # Lightning's DeviceStatsMonitor has that
     assert 0 <= metrics["recon/max_abs_error"] < 1e-3
     assert len(reversible_stacks(module)) == sum(k.startswith("recon/stack") for k in recon.last)
+
+
+def _flow(**kw) -> FlowModule:
+    kw = {"model_kwargs": {"in_channels": 1, "image_size": 8, "levels": 2, "hidden": 8},
+          "optimizer": partial(torch.optim.Adam, lr=1e-3), "sample_every_n_epochs": 0, **kw}
+    return FlowModule("realnvp", **kw)
+
+
+def test_reconstruction_monitor_works_on_flows(tmp_path, monkeypatch):
+    """Flows call forward_and_log_det, so no stack hook fires: the monitor checks the whole
+    flow instead, and a broken inverse is caught."""
+    torch.manual_seed(0)
+    module = _flow()
+    monitor = ReconstructionMonitor(every_n_steps=1, raise_above=1e-3)
+    trainer = _trainer(tmp_path, max_steps=2, callbacks=[monitor])
+    trainer.fit(module, DigitsDataModule(batch_size=16, normalize=False))
+    assert set(monitor.last) == {"recon/net", "recon/max_abs_error"}
+    assert 0 <= trainer.callback_metrics["recon/max_abs_error"] < 1e-3
+    level = module.net.levels[0]
+    honest = level.inverse
+    monkeypatch.setattr(level, "inverse", lambda y: honest(y) + 0.5)  # deliberately wrong
+    with pytest.raises(ReconstructionError, match="net rebuilds its input"):
+        _trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(
+            module, DigitsDataModule(batch_size=16, normalize=False))
+
+
+def test_reconstruction_monitor_on_a_model_with_nothing_invertible(tmp_path):
+    module = Classifier("resnet32", in_channels=1, optimizer=SGD, model_kwargs={"units": [1, 1, 1]})
+    monitor = ReconstructionMonitor(every_n_steps=1)
+    _trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(module, DigitsDataModule())
+    assert monitor.last == {}
 
 
 def test_reconstruction_monitor_catches_a_broken_inverse(tmp_path, monkeypatch):
@@ -130,11 +184,11 @@ def test_reconstruction_monitor_catches_a_broken_inverse(tmp_path, monkeypatch):
     stack = reversible_stacks(module)[0]
     x = torch.randn(8, 1, 8, 8)
     monitor = ReconstructionMonitor(every_n_steps=1, raise_above=1e-3)
-    assert max(monitor.measure(module, x)) < 1e-3
+    assert max(monitor.measure(module, x).values()) < 1e-3
     layer = stack[0]
     honest = layer.inverse
     monkeypatch.setattr(layer, "inverse", lambda y: honest(y) + 0.5)  # deliberately wrong
-    assert max(monitor.measure(module, x)) >= 0.5
+    assert max(monitor.measure(module, x).values()) >= 0.5
     trainer = _trainer(tmp_path, max_steps=2, callbacks=[monitor])
     with pytest.raises(ReconstructionError, match="stack 0"):
         trainer.fit(module, DigitsDataModule(batch_size=16))
@@ -228,6 +282,33 @@ def test_exception_leaves_a_checkpoint_and_resume_finishes(tmp_path, failure):
     assert trainer.global_step == 6
 
 
+def test_exception_checkpoint_never_makes_a_later_run_resume(tmp_path):
+    """Lightning's OnExceptionCheckpoint makes every fit without ckpt_path load the newest
+    checkpoint (issue 13: silent resume). With ExceptionCheckpoint, a fresh fit starts at step
+    0 although an on-exception checkpoint lies in the folder, and Lightning says nothing."""
+    from pytorch_lightning.callbacks import OnExceptionCheckpoint
+
+    assert not isinstance(ExceptionCheckpoint(), OnExceptionCheckpoint)
+    torch.manual_seed(0)
+    dm = DigitsDataModule(batch_size=32)
+    callback = ExceptionCheckpoint(str(tmp_path / "ckpt"))
+    module = _Failing(model_name="revnet_digits", in_channels=1, optimizer=SGD)
+    with pytest.raises(RuntimeError, match="simulated"):
+        _trainer(tmp_path, max_steps=6, callbacks=[callback]).fit(module, dm)
+    assert (tmp_path / "ckpt" / "on_exception.ckpt").exists()
+    module.fail_at = None
+    trainer = _trainer(tmp_path, max_steps=2, callbacks=[callback])
+    with warnings.catch_warnings():
+        # no "`.fit(ckpt_path=None)` was called without a model", no "save_last" hint
+        warnings.filterwarnings("error", message=r".*(ckpt_path|save_last)")
+        trainer.fit(module, dm)
+    assert trainer.global_step == 2  # started from 0, not from the failed run's step 3
+    # without a dirpath it writes next to ModelCheckpoint's files
+    trainer = _trainer(tmp_path, enable_checkpointing=True,
+                       callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "mc"))])
+    assert ExceptionCheckpoint().ckpt_path(trainer) == tmp_path / "mc" / "on_exception.ckpt"
+
+
 # --- flows -----------------------------------------------------------------------------------
 
 
@@ -235,10 +316,7 @@ def test_flow_module_trains_reports_bpd_and_writes_a_sample_grid(tmp_path):
     from PIL import Image
 
     torch.manual_seed(0)
-    module = FlowModule("realnvp", model_kwargs={"in_channels": 1, "image_size": 8,
-                                                 "levels": 2, "hidden": 8},
-                        num_samples=16, sample_dir=str(tmp_path / "samples"),
-                        optimizer=partial(torch.optim.Adam, lr=1e-3))
+    module = _flow(num_samples=16, sample_dir=str(tmp_path / "samples"), sample_every_n_epochs=1)
     dm = DigitsDataModule(batch_size=32, normalize=False)
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=2)
     trainer.fit(module, dm)
@@ -248,9 +326,75 @@ def test_flow_module_trains_reports_bpd_and_writes_a_sample_grid(tmp_path):
     assert torch.isclose(m["val/nll"], m["val/bpd"] * 64 * torch.log(torch.tensor(2.0)),
                          rtol=1e-4)
     assert 0 < m["val/bpd"] < 20
-    grid = tmp_path / "samples" / "epoch0000_t0.7.png"
+    grid = tmp_path / "samples" / "epoch0000_t0.7.png"  # the module's default SampleGrid
     with Image.open(grid) as img:
         assert img.size == (4 * 9 + 1, 4 * 9 + 1)  # 4x4 images of 8 px with 1 px padding
+
+
+def test_sample_grid_is_a_callback(tmp_path):
+    """A SampleGrid in the trainer replaces the module's default one; its folder defaults to
+    samples/ in the run folder."""
+    torch.manual_seed(0)
+    module = _flow(sample_every_n_epochs=1, sample_dir=str(tmp_path / "unused"))
+    grid = SampleGrid(every_n_epochs=1, num_samples=4, temperature=1.0)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+                       callbacks=[grid])
+    trainer.fit(module, DigitsDataModule(batch_size=16, normalize=False))
+    assert [type(c) for c in trainer.callbacks].count(SampleGrid) == 1
+    assert grid.last_path == tmp_path / "samples" / "epoch0000_t1.png" and grid.last_path.exists()
+    assert not (tmp_path / "unused").exists()
+
+
+def test_flow_refuses_standardised_data(tmp_path):
+    """Issue 13: standardised digits were rounded and clamped into a meaningless bits/dim."""
+    module = _flow()
+    with pytest.raises(ValueError, match=r"outside \[0, 1\].*--data.normalize false"):
+        _trainer(tmp_path, max_steps=1).fit(module, DigitsDataModule(normalize=True))
+    with pytest.raises(ValueError, match="not on a grid of 256 grey levels"):
+        FlowModule("realnvp", num_bins=256, model_kwargs=module.hparams.model_kwargs).levels(
+            torch.full((2, 1, 8, 8), 1 / 16))
+    other = DigitsDataModule(normalize=False)
+    other.num_bins = 256  # a model trained on 17 levels cannot score data of 256
+    with pytest.raises(ValueError, match="scores data with 17 grey levels .* has 256"):
+        _trainer(tmp_path, max_steps=1).fit(_flow(num_bins=17), other)
+
+
+def test_flow_checkpoint_keeps_the_number_of_grey_levels(tmp_path):
+    """Issue 13: load_from_checkpoint scored digits (17 levels) with 256, doubling bits/dim."""
+    torch.manual_seed(0)
+    module = _flow()
+    dm = DigitsDataModule(batch_size=32, normalize=False, eval_batch_size=64)
+    trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=True,
+                       callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "c"), save_last=True)])
+    trainer.fit(module, dm)
+    torch.manual_seed(1)
+    before = _trainer(tmp_path, limit_test_batches=1).test(module, dm, verbose=False)[0]
+    loaded = FlowModule.load_from_checkpoint(tmp_path / "c" / "last.ckpt", weights_only=True)
+    assert loaded.num_bins == 17
+    torch.manual_seed(1)  # the same dequantization noise
+    after = _trainer(tmp_path, limit_test_batches=1).test(loaded, dm, verbose=False)[0]
+    assert after["test/bpd"] == pytest.approx(before["test/bpd"], rel=1e-5)
+
+
+def test_variational_dequantization_is_a_config_option(tmp_path):
+    from revtrain.flows import VariationalDequantization
+
+    torch.manual_seed(0)
+    module = _flow(dequantization="variational", dequantization_hidden=4)
+    dm = DigitsDataModule(batch_size=16, normalize=False)
+    trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=True,
+                       callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "c"), save_last=True)])
+    trainer.fit(module, dm)
+    assert isinstance(module.dequantize, VariationalDequantization)
+    optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert all(id(p) in optimized for p in module.dequantize.parameters())  # trained jointly
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    loaded = FlowModule.load_from_checkpoint(tmp_path / "c" / "last.ckpt", weights_only=True)
+    for (k, a), b in zip(module.dequantize.state_dict().items(),
+                         loaded.dequantize.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="'uniform' or 'variational'"):
+        _flow(dequantization="learned")
 
 
 def test_flow_rejects_images_of_the_wrong_size():
@@ -374,6 +518,8 @@ def test_vector_flow_on_images_flattens_and_grids(tmp_path):
                                               "depth": 1},
                         num_samples=4, sample_dir=str(tmp_path / "s"),
                         optimizer=partial(torch.optim.Adam, lr=1e-3))
+    assert module(torch.rand(3, 1, 8, 8)).shape == (3,)  # the flow flattens its own input
+    assert module.sample(2).shape == (2, 64)
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(module, DigitsDataModule(batch_size=16, normalize=False))
     assert torch.isfinite(trainer.callback_metrics["val/bpd"])
@@ -392,6 +538,6 @@ def test_cuda_peak_memory_and_memory_table(tmp_path):
     dm = DigitsDataModule(batch_size=64)
     trainer.fit(module, dm)
     assert trainer.callback_metrics["mem/step_peak_mib"] > 0
-    text, rows = memory_table(module.net.cuda(), dm)
+    text, rows = memory_table(module.cuda(), dm)
     assert rows[0]["method"] == "cuda-allocator"
     assert rows[0]["held_bytes"] < rows[1]["held_bytes"]

@@ -1,8 +1,12 @@
 """Lightning parts of revtrain: modules, DataModules and callbacks used by the ``revtrain`` CLI.
 
->>> from revtrain.lightning import Classifier, DigitsDataModule
 >>> import pytorch_lightning as pl
->>> pl.Trainer(max_epochs=1).fit(Classifier("revnet_digits", in_channels=1), DigitsDataModule())
+>>> from revtrain.lightning import Classifier, DigitsDataModule
+>>> trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+...                      enable_progress_bar=False, enable_model_summary=False)
+>>> trainer.fit(Classifier("revnet_digits", in_channels=1), DigitsDataModule())
+>>> trainer.global_step
+2
 """
 
 from .callbacks import (
@@ -10,11 +14,12 @@ from .callbacks import (
     PeakMemoryMonitor,
     ReconstructionMonitor,
     RNGStateCallback,
+    SampleGrid,
 )
 from .classifier import Classifier
 from .data import CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule, ImageNetDataModule
 from .flow import FlowModule
-from .report import RunReport, memory_table
+from .report import RunReport, memory_table, write_memory_table
 
 __all__ = [
     "CIFAR10DataModule",
@@ -28,5 +33,7 @@ __all__ = [
     "RNGStateCallback",
     "ReconstructionMonitor",
     "RunReport",
+    "SampleGrid",
     "memory_table",
+    "write_memory_table",
 ]

@@ -1,57 +1,46 @@
-"""Pieces shared by the Lightning modules: model building, memory mode, optimizers."""
+"""Pieces shared by the Lightning modules: model building, stacks, optimizers."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..modes import MemoryMode, set_memory
+from .._utils import eval_mode
+from ..modes import MemoryMode
 from ..sequential import ReversibleSequential
+from ..testing import stored_twin
 
-__all__ = ["build_model", "reversible_stacks", "set_memory", "stored_twin", "configure_optim"]
+__all__ = ["StepsBySplit", "build_model", "configure_optim", "eval_mode", "reversible_stacks",
+           "stored_twin"]
 
 
 def reversible_stacks(model: nn.Module) -> list[ReversibleSequential]:
     """The outermost :class:`ReversibleSequential` modules of ``model`` (not nested ones)."""
-    stacks: list[ReversibleSequential] = []
-
-    def visit(module: nn.Module) -> None:
-        for child in module.children():
-            if isinstance(child, ReversibleSequential):
-                stacks.append(child)
-            else:
-                visit(child)
-
     if isinstance(model, ReversibleSequential):
         return [model]
-    visit(model)
+    stacks: list[ReversibleSequential] = []
+    for child in model.children():
+        stacks += reversible_stacks(child)
     return stacks
 
 
-def stored_twin(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every stack in ``"stored"`` mode (the baseline twin)."""
-    return set_memory(copy.deepcopy(model), MemoryMode.STORED)
-
-
-def build_model(name: str, memory: str, kwargs: dict[str, Any]) -> nn.Module:
-    """``revtrain.models.create(name, **kwargs)``, then set the memory mode of its stacks."""
+def build_model(name: str, memory: MemoryMode | str | None, kwargs: dict[str, Any]) -> nn.Module:
+    """``revtrain.models.create(name, memory=memory, **kwargs)``; ``memory=None`` keeps the
+    model's own default (reversible, or stored for a model without a reversible part)."""
     from .. import models
 
-    MemoryMode.parse(memory)  # a clear error before building a large model
-    try:
-        model = models.create(name, **kwargs)
-    except TypeError as err:
-        raise TypeError(f"model {name!r} does not take the arguments {sorted(kwargs)}: {err}; "
-                        "fix model_kwargs in the config") from err
-    return set_memory(model, memory)
+    if memory is not None:
+        if "memory" in kwargs and MemoryMode.parse(kwargs["memory"]) is not MemoryMode.parse(memory):
+            raise ValueError(f"memory={memory!r} and model_kwargs memory={kwargs['memory']!r} "
+                             "disagree; give the memory mode once, as memory")
+        kwargs = {**kwargs, "memory": MemoryMode.parse(memory)}
+    return models.create(name, **kwargs)
 
 
 def configure_optim(
-    module: nn.Module,
     params: Iterable[torch.nn.Parameter],
     optimizer: Callable | None,
     lr_scheduler: Callable | None,
@@ -69,3 +58,23 @@ def configure_optim(
     if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
         config["monitor"] = "val/loss"
     return {"optimizer": opt, "lr_scheduler": config}
+
+
+class StepsBySplit:
+    """``training_step`` / ``validation_step`` / ``test_step`` as ``self._step(batch, split)``
+    for a LightningModule, and the count of tested images (``test/images``)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    def log_tested(self, split: str, n: int) -> None:
+        """Count the images scored in test (with ``limit_test_batches``, over every rank)."""
+        if split == "test":
+            self.log("test/images", float(n), reduce_fx="sum", sync_dist=True, on_step=False,
+                     on_epoch=True, batch_size=n)

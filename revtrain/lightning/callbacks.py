@@ -1,30 +1,37 @@
-"""Callbacks: peak memory, reconstruction error, RNG state in checkpoints."""
+"""Callbacks: step peak memory, reconstruction error, sample grids, RNG state in checkpoints,
+a checkpoint on failure."""
 
 from __future__ import annotations
 
+import math
 import random
 import resource
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import OnExceptionCheckpoint
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from ._common import reversible_stacks
+from ..base import has_inverse
+from ._common import eval_mode, reversible_stacks
 
 __all__ = ["ExceptionCheckpoint", "PeakMemoryMonitor", "ReconstructionMonitor",
-           "RNGStateCallback"]
+           "RNGStateCallback", "SampleGrid"]
 
 
 class PeakMemoryMonitor(pl.Callback):
-    """Log the peak memory of training steps, every ``every_n_steps`` steps.
+    """Log the peak memory of single training steps, every ``every_n_steps`` steps.
 
-    * CUDA: ``torch.cuda.max_memory_allocated`` over the step, minus what was allocated when
-      the step began (``mem/step_peak_mib``), and the allocator's total peak
-      (``mem/peak_allocated_mib``). The peak counters are reset before each logged step.
+    What Lightning's :class:`~pytorch_lightning.callbacks.DeviceStatsMonitor` does not log
+    (use it next to this one for the allocator's full statistics):
+
+    * CUDA: the peak of the step itself, ``torch.cuda.max_memory_allocated`` over the step
+      minus what was allocated when it began (``mem/step_peak_mib``): the activation memory
+      that a memory mode changes. The peak counter is reset before each logged step.
     * CPU: the process's peak resident set (``mem/peak_rss_mib``, from ``getrusage``: one
       system call, so it costs nothing). It only grows; it is a coarse whole-process figure.
       For a tensor-level count use :func:`revtrain.memory.measure_step`.
@@ -54,7 +61,6 @@ class PeakMemoryMonitor(pl.Callback):
             peak = torch.cuda.max_memory_allocated(pl_module.device)
             pl_module.log("mem/step_peak_mib", (peak - self._base) / 2**20, on_step=True,
                           on_epoch=False)
-            pl_module.log("mem/peak_allocated_mib", peak / 2**20, on_step=True, on_epoch=False)
         elif (trainer.global_step - 1) % self.every_n_steps == 0 and pl_module.device.type == "cpu":
             pl_module.log("mem/peak_rss_mib", peak_rss_bytes() / 2**20, on_step=True,
                           on_epoch=False)
@@ -67,13 +73,20 @@ def peak_rss_bytes() -> int:
 
 
 class ReconstructionMonitor(pl.Callback):
-    r"""Every ``every_n_steps`` training steps, log how exactly each reversible stack inverts.
+    r"""Every ``every_n_steps`` training steps, log how exactly the model inverts.
 
-    For every outermost :class:`~revtrain.ReversibleSequential` ``S`` of the model, with input
-    ``x`` captured during a forward pass of the current batch (eval mode, no grad):
-    :math:`e = \max |S^{-1}(S(x)) - x|`. Logs ``recon/max_abs_error`` (the largest over the
-    stacks) and ``recon/stack{i}``. It is the reconstruction the engine relies on in backward;
-    growth over training shows the drift.
+    On (at most ``max_samples`` of) the current batch, in eval mode and without grad:
+
+    * for every outermost :class:`~revtrain.ReversibleSequential` ``S`` that the forward pass
+      calls (classifiers), with its input ``x`` captured by a forward hook:
+      :math:`e = \max |S^{-1}(S(x)) - x|`, logged as ``recon/stack{i}``;
+    * when no stack is called that way (flows call ``forward_and_log_det``) and the module's
+      network is invertible: the whole network, :math:`\max |f^{-1}(f(x)) - x|`, logged as
+      ``recon/net``.
+
+    ``recon/max_abs_error`` is the largest. It is the reconstruction the engine relies on in
+    backward; growth over training shows the drift. A model with nothing invertible (e.g. a
+    ResNet) is reported once and not checked.
 
     Args:
         every_n_steps: check on steps whose index is a multiple of this.
@@ -90,11 +103,22 @@ class ReconstructionMonitor(pl.Callback):
         self.max_samples = max_samples
         self.raise_above = raise_above
         self.last: dict[str, float] = {}
+        self._nothing_to_check = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = getattr(pl_module, "net", pl_module)
+        self._nothing_to_check = not reversible_stacks(net) and not has_inverse(net)
+        if self._nothing_to_check:
+            rank_zero_info(f"ReconstructionMonitor: {type(net).__name__} has no reversible "
+                           "stack and no inverse; nothing to check")
 
     @torch.no_grad()
-    def measure(self, pl_module: pl.LightningModule, x: Tensor) -> list[float]:
-        """Max abs reconstruction error of each outermost stack of ``pl_module`` on ``x``."""
-        stacks = reversible_stacks(pl_module)
+    def measure(self, pl_module: pl.LightningModule, x: Tensor) -> dict[str, float]:
+        """Max abs reconstruction error per stack (``"stack{i}"``) or of the whole network
+        (``"net"``) on ``x``."""
+        net = getattr(pl_module, "net", pl_module)
+        x = x[: self.max_samples]
+        stacks = reversible_stacks(net)
         inputs: dict[int, tuple[Tensor, Tensor]] = {}
 
         def capture(i: int):
@@ -103,43 +127,97 @@ class ReconstructionMonitor(pl.Callback):
             return hook
 
         hooks = [stack.register_forward_hook(capture(i)) for i, stack in enumerate(stacks)]
-        was_training = pl_module.training
-        pl_module.eval()
+        errors: dict[str, float] = {}
         try:
-            pl_module(x[: self.max_samples])
-            errors = []
-            for i, stack in enumerate(stacks):
-                if i not in inputs:  # the stack was not used for this input
-                    continue
-                x_in, y = inputs[i]
-                y = y[0] if isinstance(y, (tuple, list)) else y
-                errors.append((stack.inverse(y) - x_in).abs().max().item())
+            with eval_mode(pl_module):
+                pl_module(x)
+                for i, stack in enumerate(stacks):
+                    if i in inputs:  # a stack not used for this input is skipped
+                        x_in, y = inputs[i]
+                        errors[f"stack{i}"] = (stack.inverse(y) - x_in).abs().max().item()
+                if not errors and has_inverse(net):
+                    errors["net"] = (net.inverse(net(x)).reshape(x.shape) - x).abs().max().item()
         finally:
-            pl_module.train(was_training)
             for h in hooks:
                 h.remove()
         return errors
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (trainer.global_step - 1) % self.every_n_steps != 0:
+        if self._nothing_to_check or (trainer.global_step - 1) % self.every_n_steps != 0:
             return
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         errors = self.measure(pl_module, x)
         if not errors:
             return
-        self.last = {f"recon/stack{i}": e for i, e in enumerate(errors)}
-        self.last["recon/max_abs_error"] = max(errors)
+        self.last = {f"recon/{k}": e for k, e in errors.items()}
+        self.last["recon/max_abs_error"] = max(errors.values())
         pl_module.log_dict(self.last, on_step=True, on_epoch=False)
-        if self.raise_above is not None and max(errors) > self.raise_above:
+        worst = max(errors, key=errors.get)
+        if self.raise_above is not None and errors[worst] > self.raise_above:
             from ..base import ReconstructionError
 
-            worst = int(np.argmax(errors))
             raise ReconstructionError(
-                f"ReconstructionMonitor: stack {worst} rebuilds its input with max error "
-                f"{errors[worst]:.3g} > raise_above={self.raise_above} at step "
+                f"ReconstructionMonitor: {worst.replace('stack', 'stack ')} rebuilds its input "
+                f"with max error {errors[worst]:.3g} > raise_above={self.raise_above} at step "
                 f"{trainer.global_step}; lower the learning rate or use float64 / "
                 "memory='checkpoint' for this stack"
             )
+
+
+class SampleGrid(pl.Callback):
+    """Write a grid of samples of a flow after validation, every ``every_n_epochs`` epochs.
+
+    Calls ``pl_module.sample(num_samples, temperature)`` (:meth:`FlowModule.sample`), reshapes
+    the samples of a vector flow to the DataModule's ``input_shape`` and writes
+    ``epoch{E:04d}_t{T}.png`` with torchvision's ``make_grid`` / ``save_image`` to ``dirpath``
+    (default: ``samples/`` in the run folder, the trainer's ``log_dir``). Rank zero only.
+
+    Args:
+        every_n_epochs: grid frequency in epochs.
+        num_samples: images per grid.
+        temperature: temperature of the latent (1: the model's density).
+        dirpath: folder of the grids.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, num_samples: int = 64, temperature: float = 0.7,
+                 dirpath: str | None = None):
+        if every_n_epochs < 1 or num_samples < 1:
+            raise ValueError(f"SampleGrid: every_n_epochs and num_samples must be at least 1, "
+                             f"got {every_n_epochs} and {num_samples}")
+        self.every_n_epochs = every_n_epochs
+        self.num_samples = num_samples
+        self.temperature = temperature
+        self.dirpath = dirpath
+        self.last_path: Path | None = None
+
+    def folder(self, trainer: pl.Trainer) -> Path:
+        """Where the grids go."""
+        return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "samples")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        path = self.folder(trainer) / f"epoch{trainer.current_epoch:04d}_t{self.temperature:g}.png"
+        self.last_path = self.write(pl_module, path, getattr(trainer, "datamodule", None))
+
+    def write(self, pl_module: pl.LightningModule, path: str | Path,
+              datamodule: Any = None) -> Path | None:
+        """Sample and write one grid to ``path``; ``None`` when the samples are not images."""
+        from torchvision.utils import make_grid, save_image
+
+        x = pl_module.sample(self.num_samples, self.temperature)
+        shape = getattr(datamodule, "input_shape", None)
+        if x.dim() == 2 and shape is not None and math.prod(shape) == x.shape[1]:
+            x = x.reshape(len(x), *shape)  # a vector flow on images
+        if x.dim() != 4:
+            return None
+        grid = make_grid(x.float().cpu(), nrow=max(1, int(math.sqrt(len(x)))), padding=1)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+        return path
 
 
 class RNGStateCallback(pl.Callback):
@@ -178,22 +256,39 @@ class RNGStateCallback(pl.Callback):
                 torch.cuda.set_rng_state(states[0])
 
 
-class ExceptionCheckpoint(OnExceptionCheckpoint):
-    """Lightning's :class:`~pytorch_lightning.callbacks.OnExceptionCheckpoint`, but only once
-    training has taken a step.
+class ExceptionCheckpoint(pl.Callback):
+    """Write a checkpoint when training fails (an exception, Ctrl-C, SIGTERM), once it has taken
+    a step.
 
-    An exception inside training (or Ctrl-C) writes ``dirpath/filename.ckpt``; while this
-    callback is configured, ``fit`` without ``ckpt_path`` resumes from the newest checkpoint
-    (Lightning's behaviour), so the run continues where it failed. A failure before the first
-    step (a bad configuration, a missing data directory) writes nothing, so that fixing the
-    configuration starts a fresh run rather than "resuming" an untrained one.
+    The checkpoint is ``dirpath/filename.ckpt`` (default: the run's ``checkpoints/`` folder,
+    where :class:`~pytorch_lightning.callbacks.ModelCheckpoint` writes). Nothing resumes from
+    it unless asked: ``revtrain fit ... --resume last`` (or ``--ckpt_path`` with its path)
+    continues the run. A failure before the first step (a bad configuration, a missing data
+    directory) writes nothing.
+
+    Unlike Lightning's ``OnExceptionCheckpoint``, whose mere presence makes every later ``fit``
+    without ``ckpt_path`` load the newest checkpoint, this callback never changes what a run
+    starts from.
 
     Args:
-        dirpath: folder of the checkpoint.
+        dirpath: folder of the checkpoint (default: the run's checkpoint folder).
         filename: its name without ``.ckpt``.
     """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "on_exception"):
+        self.dirpath = dirpath
+        self.filename = filename
+
+    def ckpt_path(self, trainer: pl.Trainer) -> Path:
+        """Where the checkpoint is written."""
+        folder = self.dirpath
+        if folder is None:
+            callback = trainer.checkpoint_callback
+            folder = getattr(callback, "dirpath", None) or \
+                Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        return Path(folder) / f"{self.filename}.ckpt"
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         if trainer.global_step > 0:
-            super().on_exception(trainer, pl_module, exception)
+            trainer.save_checkpoint(self.ckpt_path(trainer))

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from ._common import build_model, configure_optim
+from ._common import StepsBySplit, build_model, configure_optim, eval_mode
 
 __all__ = ["Classifier"]
 
@@ -22,18 +22,25 @@ def _default_sgd(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
 
 
-class Classifier(pl.LightningModule):
+class Classifier(StepsBySplit, pl.LightningModule):
     r"""Train a registered classifier with cross-entropy.
 
     Minimises :math:`\mathcal{L} = -\frac{1}{B}\sum_i \log \mathrm{softmax}(f(x_i))_{y_i}`
     and reports top-1 / top-5 accuracy (torchmetrics) for train, validation and test.
 
+    The network is :attr:`net`; :meth:`loss` is the scalar the module minimises (the memory
+    table measures one backward of it for the network and for its stored twin).
+
     Args:
         model_name: a name from ``revtrain.models.list_models()`` (e.g. ``"revnet38"``).
-        num_classes: number of labels; must match the DataModule.
-        in_channels: image channels; must match the DataModule.
+        num_classes: number of labels. The ``revtrain`` command links it to the DataModule's
+            ``num_classes``; in Python, it must match the DataModule.
+        in_channels: image channels (linked to the DataModule's ``input_shape[0]`` likewise).
         memory: ``"reversible"``, ``"checkpoint"`` or ``"stored"`` for every reversible stack
-            of the model. ``--model.memory stored`` gives the stored-activation twin of a run.
+            of the model; ``None``: the model's own default (``"reversible"``, or ``"stored"``
+            for a model without a reversible part, such as the ResNet baselines). The mode that
+            runs is saved in the hyper-parameters. ``--model.memory stored`` gives the
+            stored-activation twin of a run.
         model_kwargs: further keyword arguments of the model constructor.
         optimizer: optimizer factory (``class_path`` / ``init_args`` in YAML); default SGD
             with lr 0.1, momentum 0.9, weight decay 1e-4.
@@ -42,6 +49,12 @@ class Classifier(pl.LightningModule):
         label_smoothing: passed to :func:`torch.nn.functional.cross_entropy`.
         check_input: before training, run the model once on a zero batch of the
             DataModule's ``input_shape`` and fail with a clear message if it cannot take it.
+
+    >>> module = Classifier("revnet_digits", num_classes=10, in_channels=1)
+    >>> module.hparams.memory
+    'reversible'
+    >>> Classifier("resnet32").hparams.memory
+    'stored'
     """
 
     def __init__(
@@ -49,7 +62,7 @@ class Classifier(pl.LightningModule):
         model_name: str = "revnet_digits",
         num_classes: int = 10,
         in_channels: int = 3,
-        memory: Literal["reversible", "checkpoint", "stored"] = "reversible",
+        memory: Literal["reversible", "checkpoint", "stored"] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -62,6 +75,7 @@ class Classifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         kwargs = {"num_classes": num_classes, "in_channels": in_channels, **(model_kwargs or {})}
         self.net = build_model(model_name, memory, kwargs)
+        self.hparams.memory = self.net.memory.value  # what runs, not what was asked
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         ks = {"top1": 1, "top5": 5} if num_classes > 5 else {"top1": 1}
@@ -74,13 +88,20 @@ class Classifier(pl.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.net(x)
-        return out[0] if isinstance(out, (tuple, list)) else out  # i-RevNet: (logits, z)
+        return self.net(x)  # (B, num_classes)
+
+    def _criterion(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+
+    def loss(self, batch: Any, net: nn.Module | None = None) -> Tensor:
+        """Cross-entropy of ``net`` (default :attr:`net`) on ``batch = (x, y)``."""
+        x, y = batch
+        return self._criterion((net or self.net)(x), y)
 
     def _step(self, batch: Any, split: str) -> Tensor:
         x, y = batch
         logits = self(x)  # (B, num_classes)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        loss = self._criterion(logits, y)
         metrics = getattr(self, f"{split}_metrics")
         metrics.update(logits.detach(), y)
         on_step = split == "train"
@@ -88,16 +109,8 @@ class Classifier(pl.LightningModule):
                  sync_dist=not on_step, batch_size=len(y))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split != "train",
                       batch_size=len(y))
+        self.log_tested(split, len(y))
         return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -105,7 +118,7 @@ class Classifier(pl.LightningModule):
         return {"probs": probs, "pred": probs.argmax(dim=-1)}
 
     def configure_optimizers(self) -> Any:
-        return configure_optim(self, self.parameters(), self.optimizer_factory,
+        return configure_optim(self.parameters(), self.optimizer_factory,
                                self.scheduler_factory, self.hparams.scheduler_interval,
                                _default_sgd)
 
@@ -137,18 +150,15 @@ class Classifier(pl.LightningModule):
             raise ValueError(f"{data} gives {shape[0]}-channel images but the model was built "
                              f"with in_channels={self.hparams.in_channels}; set "
                              f"--model.in_channels {shape[0]}")
-        was_training = self.training
-        self.eval()
-        try:
-            param = next(self.parameters(), None)
-            x = torch.zeros(2, *shape, device=param.device if param is not None else "cpu")
-            out = self(x)
-        except (RuntimeError, ValueError) as err:
-            raise ValueError(f"model {name!r} cannot take the {tuple(shape)} images of {data}: "
-                             f"{err}. Choose a model (or model_kwargs) made for this image size, "
-                             "or change the data's image size") from err
-        finally:
-            self.train(was_training)
+        param = next(self.parameters(), None)
+        x = torch.zeros(2, *shape, device=param.device if param is not None else "cpu")
+        with eval_mode(self):
+            try:
+                out = self(x)
+            except (RuntimeError, ValueError) as err:
+                raise ValueError(f"model {name!r} cannot take the {tuple(shape)} images of "
+                                 f"{data}: {err}. Choose a model (or model_kwargs) made for this "
+                                 "image size, or change the data's image size") from err
         if out.shape[-1] != self.hparams.num_classes:
             raise ValueError(f"model {name!r} outputs {out.shape[-1]} scores per image, "
                              f"expected num_classes={self.hparams.num_classes}")

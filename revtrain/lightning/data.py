@@ -31,20 +31,42 @@ __all__ = [
 ]
 
 
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def auto_workers(limit: int) -> int:
+    """DataLoader workers for a machine: one core is left to the training process, and at
+    most ``limit`` workers (``auto_workers(4)`` is 1 on 2 cores, 4 on 8)."""
+    return max(0, min(limit, available_cpus() - 1))
+
+
 class _ImageDataModule(pl.LightningDataModule):
     """Loaders shared by the DataModules below; subclasses fill ``self.train_set`` etc."""
 
     num_classes: int
     input_shape: tuple[int, int, int]
     num_bins: int = 256
+    #: the whole data set is a tensor in memory: DataLoader workers would only add overhead
+    in_memory: bool = False
+    #: at most this many workers when ``num_workers`` is ``None``
+    max_auto_workers: int = 4
 
-    def __init__(self, batch_size: int, num_workers: int, eval_batch_size: int | None = None):
+    def __init__(self, batch_size: int, num_workers: int | None,
+                 eval_batch_size: int | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or None (automatic), got {num_workers}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
+        self.num_workers = auto_workers(self.max_auto_workers) if num_workers is None \
+            else num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -90,13 +112,15 @@ class DigitsDataModule(_ImageDataModule):
         normalize: standardise with the training split's mean and std; ``False`` keeps
             ``x = v / 16`` in ``[0, 1]`` (for flows).
         augment: random shifts of up to one pixel in training.
-        num_workers: DataLoader workers (the whole set is a few hundred KiB: 0 is fastest).
+        num_workers: DataLoader workers (the whole set is a few hundred KiB in memory: 0 is
+            fastest).
         eval_batch_size: batch size of validation / test (default: ``batch_size``).
     """
 
     num_classes = 10
     input_shape = (1, 8, 8)
     num_bins = 17
+    in_memory = True
 
     def __init__(
         self,
@@ -183,7 +207,7 @@ class _CIFARDataModule(_ImageDataModule):
         augment: Literal["crop_flip", "flip", "none"] = "crop_flip",
         normalize: bool = True,
         seed: int = 0,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         eval_batch_size: int | None = None,
     ):
         super().__init__(batch_size, num_workers, eval_batch_size)
@@ -266,7 +290,7 @@ class CIFAR10DataModule(_CIFARDataModule):
             borders) or ``"none"``.
         normalize: standardise per channel; ``False`` keeps ``[0, 1]`` (for flows).
         seed: seed of the validation hold-out.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers; ``None``: one per core but one, at most 4.
         eval_batch_size: batch size of validation / test (default: ``batch_size``).
     """
 
@@ -301,9 +325,11 @@ class ImageNetDataModule(_ImageDataModule):
         num_classes: expected number of class folders (checked in ``setup``).
         batch_size: training batch size.
         normalize: standardise with the ImageNet mean / std.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers; ``None``: one per core but one, at most 8.
         eval_batch_size: batch size of validation / test (default: ``batch_size``).
     """
+
+    max_auto_workers = 8
 
     def __init__(
         self,
@@ -313,7 +339,7 @@ class ImageNetDataModule(_ImageDataModule):
         num_classes: int = 1000,
         batch_size: int = 256,
         normalize: bool = True,
-        num_workers: int = 8,
+        num_workers: int | None = None,
         eval_batch_size: int | None = None,
     ):
         super().__init__(batch_size, num_workers, eval_batch_size)
