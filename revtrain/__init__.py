@@ -2,47 +2,57 @@
 
 A stack of invertible layers (:class:`ReversibleSequential`) keeps only its output in forward
 and rebuilds every intermediate in backward, with one extra evaluation of each sub-network.
+
+What is here (everything is imported on first use, so ``import revtrain`` is light):
+
+* Stacks and memory modes: :class:`ReversibleSequential` (``stack(x, context=c)``);
+  :class:`MemoryMode` (``"reversible"``, ``"checkpoint"``, ``"stored"``); :func:`set_memory`
+  for any module; :class:`MemoryModeMixin`, the ``model.memory`` of every model in
+  ``revtrain.models``; :func:`is_rebuilding` for hooks that must act once.
+* Invertible layers: :class:`Coupling`, written once around an element-wise transform
+  (:class:`Additive`, :class:`Affine`) and a split (:class:`ChannelSplit`), with the shortcuts
+  :class:`AdditiveCoupling` and :class:`AffineCoupling`; :class:`Squeeze`,
+  :class:`InjectivePad`, :class:`ChannelPermute`, :class:`SwapHalves`.
+* Conditioning: :class:`ConditionalNet`, :func:`broadcast_context`, :class:`ConditionedStack`.
+* The contract: :class:`InvertibleModule` (and its ``subnet`` hook for new layers),
+  :func:`is_invertible`, :class:`ReconstructionError`.
+* Subpackages: ``revtrain.models`` (registry: ``create``, ``list_models``, ``model_info``),
+  ``revtrain.flows`` (flow layers), ``revtrain.memory`` (measuring and planning memory),
+  ``revtrain.testing`` (``stored_twin``, ``assert_matches_stored_twin``,
+  ``assert_invertible``), ``revtrain.lightning`` (modules, DataModules, callbacks) and
+  ``revtrain.cli`` (the ``revtrain`` command).
 """
 
-from .base import InvertibleModule, ReconstructionError, is_invertible
-from .conditioning import ConditionalNet, ConditionedStack, broadcast_context
-from .coupling import Additive, AdditiveCoupling, Affine, AffineCoupling, ChannelSplit, Coupling
-from .layers import ChannelPermute, InjectivePad, Squeeze, SwapHalves
-from .modes import MemoryMode, set_memory
-from .sequential import ReversibleSequential
-from .state import is_rebuilding
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Additive",
-    "AdditiveCoupling",
-    "Affine",
-    "AffineCoupling",
-    "ChannelPermute",
-    "ChannelSplit",
-    "ConditionalNet",
-    "ConditionedStack",
-    "Coupling",
-    "InjectivePad",
-    "InvertibleModule",
-    "MemoryMode",
-    "ReconstructionError",
-    "ReversibleSequential",
-    "Squeeze",
-    "SwapHalves",
-    "broadcast_context",
-    "is_invertible",
-    "is_rebuilding",
-    "set_memory",
-    "models",
-]
+_EXPORTS = {
+    "Additive": ".coupling", "AdditiveCoupling": ".coupling", "Affine": ".coupling",
+    "AffineCoupling": ".coupling", "ChannelSplit": ".coupling", "Coupling": ".coupling",
+    "ChannelPermute": ".layers", "InjectivePad": ".layers", "Squeeze": ".layers",
+    "SwapHalves": ".layers",
+    "ConditionalNet": ".conditioning", "ConditionedStack": ".conditioning",
+    "broadcast_context": ".conditioning",
+    "InvertibleModule": ".base", "ReconstructionError": ".base", "is_invertible": ".base",
+    "MemoryMode": ".modes", "MemoryModeMixin": ".modes", "set_memory": ".modes",
+    "ReversibleSequential": ".sequential", "is_rebuilding": ".state",
+}
+_SUBPACKAGES = ("flows", "lightning", "memory", "models", "testing")
+
+__all__ = sorted(_EXPORTS) + list(_SUBPACKAGES)
 
 
 def __getattr__(name: str):
-    # `revtrain.models` is imported on first use, so `import revtrain` stays light.
-    if name == "models":
-        import importlib
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+    elif name in _SUBPACKAGES:
+        value = import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'revtrain' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return importlib.import_module(".models", __name__)
-    raise AttributeError(f"module 'revtrain' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -9,6 +9,8 @@ from functools import cache
 import torch
 from torch import Tensor, nn
 
+from ._utils import eval_mode
+
 __all__ = ["InvertibleModule", "ReconstructionError", "is_invertible", "has_inverse",
            "call_subnet", "accepts_context", "takes_two_arguments"]
 
@@ -169,10 +171,8 @@ def is_invertible(
         atol = 1e-10 if example_input.dtype == torch.float64 else 1e-5
     if not has_inverse(module):
         return False
-    was_training = module.training
-    module.eval()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with eval_mode(module), torch.random.fork_rng(devices=[]):
             x = example_input.detach().clone()
             y = module(x)
             if not isinstance(y, Tensor):
@@ -195,5 +195,3 @@ def is_invertible(
                     and torch.allclose(y_rec, y_other, atol=atol, rtol=rtol))
     except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError, IndexError):
         return False
-    finally:
-        module.train(was_training)

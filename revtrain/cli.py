@@ -536,11 +536,22 @@ def benchmark_command(argv: list[str]) -> None:
     print(f"\nBenchmark folder: {out} ({len(written)} files)")
 
 
+def memory_command(argv: list[str]) -> None:
+    """``revtrain memory --config CONFIG [--batch-size N --budget 16GiB ...]``: the planner."""
+    from .memory import plan_main
+
+    code = plan_main(argv)
+    if code:
+        raise SystemExit(code)
+
+
 TOOLS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "models": (models_command, "list the registered models (name, family, input size, paper "
                                "parameters)"),
     "benchmark": (benchmark_command, "memory and step time against the stored twin, "
                                      "checkpoint and memcnn (the quick profile) into a run folder"),
+    "memory": (memory_command, "plan memory before training: bytes held and peak per module and "
+                               "memory mode, the largest batch that fits a budget"),
 }
 
 

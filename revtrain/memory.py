@@ -72,11 +72,19 @@ class TensorMemoryTracker(TorchDispatchMode):
             states.
 
     Example:
+        >>> import torch, revtrain
+        >>> stack = revtrain.ReversibleSequential(
+        ...     *[revtrain.AdditiveCoupling(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        ...       for _ in range(4)])
+        >>> x = torch.randn(32, 16, requires_grad=True)
         >>> with TensorMemoryTracker() as mem:
-        ...     y = model(x)
-        ...     held = mem.current        # bytes kept alive by the forward pass
+        ...     y = stack(x)
+        ...     held = mem.current        # bytes kept alive by the forward pass: the output
         ...     y.sum().backward()
-        >>> mem.peak
+        >>> held == y.numel() * y.element_size()
+        True
+        >>> mem.peak > held
+        True
     """
 
     def __init__(self, device_type: str = "cpu", count_rng_states: bool = True,

@@ -39,6 +39,9 @@ def set_memory(model: nn.Module, memory: MemoryMode | str) -> nn.Module:
     from .sequential import ReversibleSequential
 
     mode = MemoryMode.parse(memory)
+    if isinstance(model, MemoryModeMixin):  # the model's own rule (and its error)
+        model.memory = mode
+        return model
     for module in model.modules():
         if isinstance(module, ReversibleSequential):
             module.memory = mode

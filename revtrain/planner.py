@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import sys
@@ -577,19 +578,27 @@ def _from_config(config: dict, shape: tuple[int, ...] | None = None,
     init = dict(model_cfg.get("init_args") or {})
     optimizer = init.pop("optimizer", None)
     init.pop("lr_scheduler", None)
-    module = _import(model_cfg["class_path"])(**init)
-    network = _network_of(module)
-    override, batch = shape, None
+    override, batch, shape, num_classes = shape, None, None, None
     if isinstance(data_cfg, dict) and "class_path" in data_cfg:
         data_cls = _import(data_cfg["class_path"])
         data_init = dict(data_cfg.get("init_args") or {})
         batch = data_init.get("batch_size")
         shape = getattr(data_cls, "input_shape", None)
-        if "image_size" in data_init or shape is None:
-            try:
-                shape = data_cls(**data_init).input_shape
-            except Exception:  # a data module that needs its files: keep the class attribute
-                pass
+        num_classes = getattr(data_cls, "num_classes", None)
+        try:  # the instance knows its shape (image_size) and classes
+            data = data_cls(**data_init)
+            shape, num_classes = data.input_shape, getattr(data, "num_classes", num_classes)
+        except Exception:  # a data module that needs its files: keep the class attributes
+            pass
+    model_cls = _import(model_cfg["class_path"])
+    # the links of the revtrain command: num_classes and in_channels come from the data
+    accepted = inspect.signature(model_cls).parameters
+    if isinstance(num_classes, int) and "num_classes" in accepted:
+        init.setdefault("num_classes", num_classes)
+    if (override or shape) and "in_channels" in accepted:
+        init.setdefault("in_channels", int((override or shape)[0]))
+    module = model_cls(**init)
+    network = _network_of(module)
     shape = override or shape
     if shape is None:
         raise SystemExit("revtrain memory: cannot tell the input shape from the config's data "

@@ -23,9 +23,7 @@ MODULES = sorted(
 )
 
 # examples that are not runnable as written (in files owned by the engine's maintainers)
-PENDING = {
-    "revtrain.memory": "TensorMemoryTracker's example uses `model` and `x` without defining them",
-}
+PENDING: dict[str, str] = {}
 
 
 @pytest.mark.usefixtures("one_thread")
