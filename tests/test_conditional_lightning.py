@@ -70,6 +70,10 @@ def test_arm_forward_process_and_rejection_posterior():
     err = (arm.forward(post) - y_star.double()).square().sum(1)
     assert err.mean() < 1.5 * 2 * eps**2  # E ||f(x) - y*||^2 <= 2 eps^2 for the exact posterior
     assert post.std(0).min() > 0.05  # a spread of arms, not one solution
+    plain = arm.posterior(y_star, 400, epsilon=eps, generator=gen, chunk=100_000, marginal=False)
+    post = arm.posterior(y_star, 400, epsilon=eps, generator=gen, chunk=100_000)
+    torch.testing.assert_close(post.mean(0), plain.mean(0), atol=0.2, rtol=0)  # the same posterior
+    torch.testing.assert_close(post[:, 0].std(), plain[:, 0].std(), atol=0.05, rtol=0)
     assert len(arm.posterior(y_star, 10, epsilon=1e-4, generator=gen, chunk=1000, max_proposals=2000)) < 10
     with pytest.raises(ValueError, match=r"configurations \(n, 4\)"):
         arm.forward(torch.zeros(3, 3))
