@@ -162,7 +162,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, batch: int, lr: fl
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
         sched.step()
-        running += float(loss)
+        running += float(loss.detach())
         if (step + 1) % max(1, steps // 20) == 0:
             curve.append(round(running / max(1, steps // 20), 4))
             running = 0.0
