@@ -55,6 +55,22 @@ def test_module_refuses_an_unconditional_flow_and_a_batch_without_condition():
         module.training_step(torch.randn(4, 4), 0)
 
 
+def test_data_that_does_not_fit_the_model_is_refused_before_training():
+    with pytest.raises(ValueError, match="conditioned on 10 classes but DigitsDataModule has 5"):
+        module = ConditionalFlowModule("cond_realnvp_digits", {"hidden": 8})
+        data = DigitsDataModule(normalize=False)
+        data.num_classes = 5
+        module.check_data(data)
+    with pytest.raises(ValueError, match=r"takes samples of shape \(4,\) but InverseKinematicsDataModule "
+                                         r"gives \(3,\)"):
+        data = InverseKinematicsDataModule(num_train=10, num_val=10, num_test=10)
+        data.input_shape = (3,)
+        ConditionalFlowModule("cinn_ik", {"num_blocks": 1}).check_data(data)
+    with pytest.raises(ValueError, match=r"observations of shape \(3,\) but"):
+        ConditionalFlowModule("cinn_ik", {"num_blocks": 1, "cond_dim": 3}).check_data(
+            InverseKinematicsDataModule(num_train=10, num_val=10, num_test=10))
+
+
 def test_arm_forward_process_and_rejection_posterior():
     arm = InverseKinematics()
     x = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.5, math.pi / 2, 0.0, 0.0], [0.0, 0.0, math.pi / 2, 0.0]],

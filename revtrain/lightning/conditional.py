@@ -119,6 +119,31 @@ class ConditionalFlowModule(pl.LightningModule):
         if self.is_image_flow and self.dequantize is None:
             num_bins = getattr(datamodule, "num_bins", 256)
             self.num_bins, self.dequantize = num_bins, UniformDequantization(num_bins)
+        if datamodule is not None:
+            self.check_data(datamodule)
+
+    @torch.no_grad()
+    def check_data(self, datamodule: Any) -> None:
+        """Fail before training when the flow cannot take the DataModule's samples or conditions.
+
+        Raises:
+            ValueError: naming the model, the DataModule and the shapes or class counts.
+        """
+        name, data = self.hparams.model_name, type(datamodule).__name__
+        shape = getattr(datamodule, "input_shape", None)
+        expected = getattr(self.flow, "input_shape", None) or (self.flow.num_dims,)
+        if shape is not None and tuple(shape) != tuple(expected):
+            raise ValueError(f"model {name!r} takes samples of shape {tuple(expected)} but {data} gives "
+                             f"{tuple(shape)}; set model_kwargs to match the data")
+        classes = getattr(datamodule, "num_classes", None)
+        if self.num_classes is not None and classes is not None and classes != self.num_classes:
+            raise ValueError(f"model {name!r} is conditioned on {self.num_classes} classes but {data} has "
+                             f"{classes}; set model_kwargs.num_classes to {classes}")
+        condition = getattr(datamodule, "condition_shape", None)
+        cond_dim = getattr(self.flow.conditioner, "cond_dim", None)
+        if condition is not None and cond_dim is not None and tuple(condition) != (cond_dim,):
+            raise ValueError(f"model {name!r} takes observations of shape ({cond_dim},) but {data} gives "
+                             f"{tuple(condition)}; set model_kwargs.cond_dim to match the data")
 
     def forward(self, x: Tensor, condition: Tensor) -> Tensor:
         """Per-sample ``log p(x | condition)`` (nats); images already in ``[0, 1]``."""
