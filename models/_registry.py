@@ -32,7 +32,7 @@ from torch import nn
 __all__ = ["ModelInfo", "create", "list_models", "model_info", "register_model"]
 
 #: family (the module an entry point lives in) -> what its models do
-_TASKS = {"flows": "density"}
+_TASKS = {"flows": "density", "conditional": "conditional density"}
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def register_model(fn: Callable[..., nn.Module] | None = None, /, **metadata):
 
 
 #: the modules whose import registers the built-in models
-_FAMILIES: list[str] = ["revnet", "irevnet", "flows"]
+_FAMILIES: list[str] = ["revnet", "irevnet", "flows", "conditional"]
 
 
 def _load_families() -> None:
