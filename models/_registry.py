@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-__all__ = ["ModelInfo", "create", "list_models", "model_info", "register_model"]
+__all__ = ["ModelInfo", "create", "list_models", "model_info", "register_model", "variant_of"]
 
 #: family (the module an entry point lives in) -> what its models do
 _TASKS = {"flows": "density", "conditional": "conditional density"}
@@ -94,6 +94,22 @@ def register_model(fn: Callable[..., nn.Module] | None = None, /, **metadata):
     return register if fn is None else register(fn)
 
 
+def variant_of(base: Callable[..., nn.Module]):
+    """Mark an entry point ``fn(**kwargs)`` that fills in some of ``base``'s arguments and passes
+    the rest on to ``base`` (another entry point), so that ``create`` checks keywords against
+    ``base``'s arguments::
+
+        @register_model
+        @variant_of(cond_realnvp)
+        def cond_realnvp_digits(**kwargs): return cond_realnvp(**{"image_size": 8, **kwargs})
+    """
+    def mark(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        fn.__kwargs_target__ = base
+        return fn
+
+    return mark
+
+
 #: the modules whose import registers the built-in models
 _FAMILIES: list[str] = ["revnet", "irevnet", "flows", "conditional"]
 
@@ -131,9 +147,15 @@ def model_info(name: str) -> ModelInfo:
 def accepted_arguments(name: str) -> list[str]:
     """Keyword arguments ``create(name, ...)`` accepts: the entry point's and, where it passes
     ``**kwargs`` on, those of the class it returns."""
-    fn = model_info(name).entry_point
+    return _arguments(model_info(name).entry_point)
+
+
+def _arguments(fn: Callable) -> list[str]:
     params = inspect.signature(fn).parameters
     names = [p for p, v in params.items() if v.kind is not v.VAR_KEYWORD]
+    target = getattr(fn, "__kwargs_target__", None)
+    if target is not None:  # a variant of another entry point (variant_of)
+        return names + [p for p in _arguments(target) if p not in names]
     if any(v.kind is v.VAR_KEYWORD for v in params.values()):
         try:
             cls = typing.get_type_hints(fn).get("return")

@@ -59,7 +59,6 @@ from revtrain import (
     MemoryMode,
     ReversibleSequential,
     broadcast_context,
-    set_memory,
 )
 from revtrain.base import InvertibleModule
 from revtrain.flows import (
@@ -77,8 +76,9 @@ from revtrain.flows import (
     split_sizes,
 )
 from revtrain.layers import Squeeze
+from revtrain.modes import MemoryModeMixin
 
-from ._registry import register_model
+from ._registry import register_model, variant_of
 
 __all__ = [
     "LabelEmbedding", "ObservationNet", "ConditionalFlow", "ConditionalVectorFlow",
@@ -105,6 +105,10 @@ class LabelEmbedding(nn.Module):
 
     def describe(self) -> str:
         return f"class labels of shape (B,) with values in 0..{self.num_classes - 1}"
+
+    def example(self, batch: int) -> Tensor:
+        """A valid condition for ``batch`` samples (labels ``0, 1, ..., K-1, 0, ...``)."""
+        return torch.arange(batch, device=self.embedding.weight.device) % self.num_classes
 
     def check(self, labels, owner: str) -> Tensor:
         if not isinstance(labels, Tensor):
@@ -160,6 +164,12 @@ class ObservationNet(nn.Module):
 
     def describe(self) -> str:
         return f"observations of shape (B, {self.cond_dim})"
+
+    def example(self, batch: int) -> Tensor:
+        """A valid condition for ``batch`` samples (zeros)."""
+        ref = next(self.parameters(), None)
+        return torch.zeros(batch, self.cond_dim, device=None if ref is None else ref.device,
+                           dtype=torch.float32 if ref is None else ref.dtype)
 
     def check(self, y, owner: str) -> Tensor:
         if not isinstance(y, Tensor):
@@ -265,7 +275,7 @@ class ConditionalNormal(nn.Module):
 # --------------------------------------------------------------------------- models
 
 
-class ConditionalFlow(InvertibleModule):
+class ConditionalFlow(MemoryModeMixin, InvertibleModule):
     r"""Common part of the conditional flows: the condition check, ``log_prob``, ``sample``, ``memory``.
 
     Subclasses provide ``conditioner`` (a :class:`LabelEmbedding` or :class:`ObservationNet`),
@@ -280,14 +290,9 @@ class ConditionalFlow(InvertibleModule):
         super().__init__()
         self.prior = StandardNormal()
 
-    @property
-    def memory(self) -> MemoryMode:
-        """The memory mode of the model's reversible stacks; assign to switch all of them."""
-        return next(m for m in self.modules() if isinstance(m, ReversibleSequential)).memory
-
-    @memory.setter
-    def memory(self, value: MemoryMode | str) -> None:
-        set_memory(self, value)
+    def example_context(self, batch: int) -> Tensor:
+        """A valid condition for ``batch`` samples (for planners and smoke tests)."""
+        return self.conditioner.example(batch)
 
     def context_of(self, condition, batch: int, owner: str) -> Tensor:
         """The sub-networks' context ``conditioner(condition)`` for a batch of ``batch`` samples.
@@ -443,6 +448,7 @@ def cinn(dim: int = 4, cond_dim: int = 2, num_blocks: int = 8, hidden: int = 128
 
 
 @register_model
+@variant_of(cinn)
 def cinn_ik(**kwargs) -> ConditionalVectorFlow:
     """:func:`cinn` sized for the inverse-kinematics arm (4-D ``x``, 2-D end point ``y``)."""
     kwargs = {"dim": 4, "cond_dim": 2, "num_blocks": 8, "hidden": 128, **kwargs}
@@ -513,6 +519,7 @@ def cond_realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hi
 
 
 @register_model
+@variant_of(cond_realnvp)
 def cond_realnvp_digits(**kwargs) -> ConditionalMultiScaleFlow:
     """:func:`cond_realnvp` for scikit-learn's 8x8 digits: 1 channel, 2 levels, width 32, 10 classes."""
     kwargs = {"in_channels": 1, "image_size": 8, "levels": 2, "hidden": 32, "num_classes": 10,
@@ -553,6 +560,7 @@ def cond_glow(in_channels: int = 3, image_size: int = 32, levels: int = 3, steps
 
 
 @register_model
+@variant_of(cond_glow)
 def cond_glow_digits(**kwargs) -> ConditionalMultiScaleFlow:
     """:func:`cond_glow` for scikit-learn's 8x8 digits: 1 channel, 2 levels of 8 steps, width 32."""
     kwargs = {"in_channels": 1, "image_size": 8, "levels": 2, "steps": 8, "hidden": 32,
@@ -622,6 +630,7 @@ class IterativeRefinement(nn.Module):
         if iterations < 1:
             raise ValueError(f"IterativeRefinement: iterations must be at least 1, got {iterations}")
         self.register_buffer("operator", operator.clone())
+        self.input_shape = (operator.shape[0],)  # measurements (B, m)
         n = operator.shape[1]
         self.n, self.iterations = n, iterations
         self.f = _DataGradientNet(operator.T @ operator, n, hidden)

@@ -60,10 +60,13 @@ _REST = "(rest: loss and code between modules)"
 def default_step(model: nn.Module, x: Tensor) -> Tensor:
     """The training loss :func:`plan` uses unless told otherwise.
 
-    Flows (a ``log_prob`` method): mean negative log-likelihood. Classifiers (output
+    Flows (a ``log_prob`` method): mean negative log-likelihood, conditional ones (an
+    ``example_context`` method) given that context. Classifiers (output
     ``(B, K)``): cross-entropy against labels ``arange(B) % K``. Anything else: mean of squares
     of the (first) output.
     """
+    if callable(getattr(model, "example_context", None)):  # conditional flows
+        return -model.log_prob(x, context=model.example_context(x.shape[0])).mean()
     if callable(getattr(model, "log_prob", None)):
         return -model.log_prob(x).mean()
     out = model(x)

@@ -101,6 +101,14 @@ def test_registry_errors_say_what_to_use():
         models.create("revnet38", num_clases=3)
 
 
+def test_a_variant_entry_point_takes_its_base_models_arguments():
+    # cond_realnvp_digits(**kwargs) fills in some of cond_realnvp's arguments (variant_of)
+    assert "hidden" in models._registry.accepted_arguments("cond_realnvp_digits")
+    assert len(models.create("cond_realnvp_digits", hidden=4, levels=1).levels) == 1
+    with pytest.raises(TypeError, match="no argument 'hiden' .did you mean 'hidden'"):
+        models.create("cond_realnvp_digits", hiden=4)
+
+
 def test_register_model_as_plain_decorator_and_with_metadata():
     from revtrain.models import _registry
 

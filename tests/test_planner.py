@@ -55,6 +55,8 @@ SMALL = {
     "glow": ({"image_size": 16, "levels": 2, "steps": 4, "hidden": 32}, (3, 16, 16)),
     "realnvp": ({"image_size": 16, "levels": 2, "hidden": 16}, (3, 16, 16)),
     "nice": ({"dim": 64, "hidden": 64}, (64,)),
+    "cond_glow": ({"image_size": 16, "levels": 2, "steps": 4, "hidden": 32}, (3, 16, 16)),
+    "cond_realnvp": ({"image_size": 16, "levels": 2, "hidden": 16}, (3, 16, 16)),
 }
 
 

@@ -17,6 +17,12 @@ from .callbacks import (
     SampleGrid,
 )
 from .classifier import Classifier
+from .conditional import (
+    ConditionalFlowModule,
+    ConditionalMemoryReport,
+    InverseKinematics,
+    InverseKinematicsDataModule,
+)
 from .data import CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule, ImageNetDataModule
 from .flow import FlowModule
 from .report import RunReport, memory_table, write_memory_table
@@ -25,10 +31,14 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "Classifier",
+    "ConditionalFlowModule",
+    "ConditionalMemoryReport",
     "DigitsDataModule",
     "ExceptionCheckpoint",
     "FlowModule",
     "ImageNetDataModule",
+    "InverseKinematics",
+    "InverseKinematicsDataModule",
     "PeakMemoryMonitor",
     "RNGStateCallback",
     "ReconstructionMonitor",

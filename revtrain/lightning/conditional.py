@@ -187,7 +187,7 @@ class ConditionalFlowModule(pl.LightningModule):
         return self._step(batch, "test")
 
     def configure_optimizers(self) -> Any:
-        return configure_optim(self, self.parameters(), self.optimizer_factory, self.scheduler_factory,
+        return configure_optim(self.parameters(), self.optimizer_factory, self.scheduler_factory,
                                self.hparams.scheduler_interval, _default_adam)
 
     @torch.no_grad()
