@@ -56,15 +56,11 @@ from revtrain.models import create  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "conditional_ik.json"
 
-# Kruse et al. 2021, Table 1 (inverse kinematics), rows used for orientation. Transcribed by hand
-# from the paper; the lead checks them against the PDF before quoting.
-PAPER = {
-    "cINN": {"err_post": 0.015, "err_resim": 0.008},
-    "MDN": {"err_post": 0.007, "err_resim": 0.012},
-    "autoencoder": {"err_post": 0.037, "err_resim": 0.012},
-}
-PAPER_NOTE = ("Kruse et al. 2021, Table 1 (1M training samples, about 3M parameters, GPU); kernel, "
-              "ABC threshold and test set are not published in full, so the protocols differ")
+# The paper's own figures (Kruse et al. 2021, Table 1) are not copied here: they could not be
+# checked against the paper from this machine, and its protocol differs (see PAPER_NOTE).
+PAPER: dict = {}
+PAPER_NOTE = ("Kruse et al. 2021, Table 1, not quoted: its figures could not be checked here, and its "
+              "protocol (training set, kernel, ABC threshold, test set) differs from this one")
 
 
 # --------------------------------------------------------------------------- models
