@@ -55,6 +55,11 @@ SMALL = {
     "glow": ({"image_size": 16, "levels": 2, "steps": 4, "hidden": 32}, (3, 16, 16)),
     "realnvp": ({"image_size": 16, "levels": 2, "hidden": 16}, (3, 16, 16)),
     "nice": ({"dim": 64, "hidden": 64}, (64,)),
+    # the deep CIFAR models with 2 units / blocks per stage (same structure, a fraction of the time)
+    "revnet110": ({"units": [2, 2, 2]}, (3, 8, 8)),
+    "revnet164": ({"units": [2, 2, 2]}, (3, 8, 8)),
+    "irevnet": ({"blocks": [2, 2, 2]}, (3, 8, 8)),
+    "cond_glow_digits": ({"steps": 2}, (1, 8, 8)),
     "cond_glow": ({"image_size": 16, "levels": 2, "steps": 4, "hidden": 32}, (3, 16, 16)),
     "cond_realnvp": ({"image_size": 16, "levels": 2, "hidden": 16}, (3, 16, 16)),
 }
