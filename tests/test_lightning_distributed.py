@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -119,6 +120,34 @@ def test_model_parallel_fsdp2_reversible_equals_stored_twin(tmp_path):
             assert _max_diff(runs[name][rank]["buffers"], stored[rank]["buffers"]) < 1e-10, name
     # the comparison can fail: other initial weights end far from the stored run
     assert _max_diff(runs["stored_seed1"][0]["params"], stored[0]["params"]) > 1e-2
+
+
+@pytest.mark.slow
+def test_revtrain_fit_under_model_parallel_strategy(tmp_path):
+    """The command line of docs/training.md on 2 CPU processes, 2 steps: trains with the
+    ReconstructionMonitor of the digits config on the sharded stacks, tests, writes a distributed
+    checkpoint folder and ends with the run folder (the memory table is skipped: the network is
+    sharded). Before the fix of the run-folder broadcast, ``revtrain fit`` on 2 processes
+    (DDP too) crashed at this last print."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits_revnet.yaml"
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               OMP_NUM_THREADS="1")
+    for key in ("LOCAL_RANK", "PL_GLOBAL_SEED"):
+        env.pop(key, None)
+    args = ["fit", "--config", str(config), "--model.shard", "stack", "--trainer.devices", "2",
+            "--trainer.strategy", "ModelParallelStrategy",
+            "--trainer.strategy.data_parallel_size", "2",
+            "--trainer.strategy.tensor_parallel_size", "1", "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+            "--trainer.enable_progress_bar", "false"]
+    proc = subprocess.run([sys.executable, "-m", "revtrain.cli", *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Test after fit" in proc.stdout
+    assert "Memory table skipped: the network is sharded" in proc.stdout
+    assert "Run folder: runs/digits_revnet_digits/version_0" in proc.stdout
+    last = tmp_path / "runs" / "digits_revnet_digits" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and (last / "meta.pt").is_file()  # one shard file per rank
 
 
 def test_fsdp1_strategy_is_refused_on_cpu():
