@@ -177,7 +177,7 @@ def _cli_class():
             from .lightning.report import memory_table, write_memory_table
 
             if is_sharded(self.model):  # the table copies the network into one process
-                print("\nMemory table skipped: the network is sharded (ModelParallelStrategy); "
+                print("\nMemory table skipped: the network is sharded (FSDP); "
                       "`revtrain memory --config ...` plans it in one process", flush=True)
                 return []
 

@@ -24,7 +24,7 @@ import torch
 from pytorch_lightning.strategies import FSDPStrategy
 
 from revtrain.lightning import Classifier
-from revtrain.lightning._common import fully_shard_reversible
+from revtrain.lightning._common import fully_shard_reversible, is_sharded, unsharded
 
 _FSDP2_SCRIPT = textwrap.dedent("""
     import sys
@@ -144,7 +144,7 @@ def test_revtrain_fit_under_model_parallel_strategy(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Test after fit" in proc.stdout
-    assert "Memory table skipped: the network is sharded" in proc.stdout
+    assert "Memory table skipped: the network is sharded (FSDP)" in proc.stdout
     assert "Run folder: runs/digits_revnet_digits/version_0" in proc.stdout
     last = tmp_path / "runs" / "digits_revnet_digits" / "version_0" / "checkpoints" / "last.ckpt"
     assert last.is_dir() and (last / "meta.pt").is_file()  # one shard file per rank
@@ -169,3 +169,6 @@ def test_shard_needs_model_parallel_strategy(tmp_path):
         trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     with pytest.raises(ValueError, match="shard must be"):
         fully_shard_reversible(module.net, None, "layer")
+    assert not is_sharded(module.net)
+    with unsharded(module.net) as net:  # nothing to gather
+        assert net is module.net

@@ -46,12 +46,13 @@ def fully_shard_reversible(model: nn.Module, mesh: Any, per: str) -> nn.Module:
 
 
 def is_sharded(module: nn.Module) -> bool:
-    """Whether FSDP2 (``fully_shard``) shards ``module`` or a module inside it."""
+    """Whether FSDP2 (``fully_shard``) or FSDP1 (``FullyShardedDataParallel``) shards ``module``
+    or a module inside it."""
     try:
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     except ImportError:  # torch.distributed not built
         return False
-    return any(isinstance(m, FSDPModule) for m in module.modules())
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
 
 
 @contextmanager
