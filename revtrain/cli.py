@@ -170,23 +170,31 @@ def _cli_class():
             print(f"\nTest after fit{where}: {text}", flush=True)
 
         def _memory_table(self, report: RunReport) -> list[Path]:
+            folder = self._folder()  # on every rank: trainer.log_dir is a broadcast
             if not self.trainer.is_global_zero:
                 return []
+            from .lightning._common import is_sharded
             from .lightning.report import memory_table, write_memory_table
+
+            if is_sharded(self.model):  # the table copies the network into one process
+                print("\nMemory table skipped: the network is sharded (FSDP); "
+                      "`revtrain memory --config ...` plans it in one process", flush=True)
+                return []
 
             text, rows = memory_table(self.model, self.datamodule, report.batch_size)
             print("\n" + text + "\n", flush=True)
             meta = {"model": getattr(self.model.hparams, "model_name", type(self.model).__name__),
                     "data": type(self.datamodule).__name__}
-            return write_memory_table(text, rows, self._folder(), meta)
+            return write_memory_table(text, rows, folder, meta)
 
         def _folder(self) -> Path:
             return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
         def _print_where(self, memory_files: list[Path]) -> None:
+            folder = self._folder()  # on every rank: trainer.log_dir is a broadcast
             if not self.trainer.is_global_zero:
                 return
-            print(_where(self.trainer, self._folder(), memory_files), flush=True)
+            print(_where(self.trainer, folder, memory_files), flush=True)
 
     return RevtrainCLI
 

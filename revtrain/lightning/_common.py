@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -13,8 +14,8 @@ from ..modes import MemoryMode
 from ..sequential import ReversibleSequential
 from ..testing import stored_twin
 
-__all__ = ["StepsBySplit", "build_model", "configure_optim", "eval_mode", "reversible_stacks",
-           "stored_twin"]
+__all__ = ["StepsBySplit", "build_model", "configure_optim", "eval_mode", "fully_shard_reversible",
+           "reversible_stacks", "is_sharded", "stored_twin", "unsharded"]
 
 
 def reversible_stacks(model: nn.Module) -> list[ReversibleSequential]:
@@ -25,6 +26,53 @@ def reversible_stacks(model: nn.Module) -> list[ReversibleSequential]:
     for child in model.children():
         stacks += reversible_stacks(child)
     return stacks
+
+
+def fully_shard_reversible(model: nn.Module, mesh: Any, per: str) -> nn.Module:
+    """FSDP2 ``fully_shard`` on ``model`` over ``mesh``: first every layer (``per="coupling"``)
+    or every outermost stack (``per="stack"``) of :func:`reversible_stacks`, then ``model``
+    itself (the stem, transitions and head). Returns ``model``; a sharded one is left as it is."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if per not in ("coupling", "stack"):
+        raise ValueError(f"shard must be 'coupling', 'stack' or None, got {per!r}")
+    if isinstance(model, FSDPModule):
+        return model
+    stacks = reversible_stacks(model)
+    for unit in [layer for s in stacks for layer in s] if per == "coupling" else stacks:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) or FSDP1 (``FullyShardedDataParallel``) shards ``module``
+    or a module inside it."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # torch.distributed not built
+        return False
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
+
+
+@contextmanager
+def unsharded(module: nn.Module) -> Iterator[nn.Module]:
+    """Gather the FSDP2 parameters of ``module`` and of the sharded modules inside it for calls
+    that are not its forward (``inverse``), resharding afterwards; a collective (every rank
+    enters it). Does nothing for a module that FSDP2 does not shard."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch.distributed not built
+        yield module
+        return
+    sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield module
+    finally:
+        for m in sharded:
+            m.reshard()
 
 
 def build_model(name: str, memory: MemoryMode | str | None, kwargs: dict[str, Any]) -> nn.Module:

@@ -17,7 +17,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from ..base import has_inverse
-from ._common import eval_mode, reversible_stacks
+from ._common import eval_mode, reversible_stacks, unsharded
 
 __all__ = ["ExceptionCheckpoint", "PeakMemoryMonitor", "ReconstructionMonitor",
            "RNGStateCallback", "SampleGrid"]
@@ -134,7 +134,8 @@ class ReconstructionMonitor(pl.Callback):
                 for i, stack in enumerate(stacks):
                     if i in inputs:  # a stack not used for this input is skipped
                         x_in, y = inputs[i]
-                        errors[f"stack{i}"] = (stack.inverse(y) - x_in).abs().max().item()
+                        with unsharded(stack):  # FSDP2 (ModelParallelStrategy)
+                            errors[f"stack{i}"] = (stack.inverse(y) - x_in).abs().max().item()
                 if not errors and has_inverse(net):
                     errors["net"] = (net.inverse(net(x)).reshape(x.shape) - x).abs().max().item()
         finally:

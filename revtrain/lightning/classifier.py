@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from ._common import StepsBySplit, build_model, configure_optim, eval_mode
+from ._common import StepsBySplit, build_model, configure_optim, eval_mode, fully_shard_reversible
 
 __all__ = ["Classifier"]
 
@@ -49,6 +49,11 @@ class Classifier(StepsBySplit, pl.LightningModule):
         label_smoothing: passed to :func:`torch.nn.functional.cross_entropy`.
         check_input: before training, run the model once on a zero batch of the
             DataModule's ``input_shape`` and fail with a clear message if it cannot take it.
+        shard: FSDP2 sharding under Lightning's ``ModelParallelStrategy`` (``configure_model``
+            applies ``fully_shard`` over the data-parallel mesh): ``"coupling"`` shards every
+            layer of the reversible stacks, ``"stack"`` every stack, then the whole network
+            (stem, transitions, head). Needs ``ModelParallelStrategy(data_parallel_size=<world
+            size>, tensor_parallel_size=1)``; ``None`` (default) for every other strategy.
 
     >>> module = Classifier("revnet_digits", num_classes=10, in_channels=1)
     >>> module.hparams.memory
@@ -69,6 +74,7 @@ class Classifier(StepsBySplit, pl.LightningModule):
         scheduler_interval: Literal["step", "epoch"] = "epoch",
         label_smoothing: float = 0.0,
         check_input: bool = True,
+        shard: Literal["coupling", "stack"] | None = None,
     ):
         super().__init__()
         # the factories stay out: a checkpoint must load with torch.load(weights_only=True)
@@ -121,6 +127,24 @@ class Classifier(StepsBySplit, pl.LightningModule):
         return configure_optim(self.parameters(), self.optimizer_factory,
                                self.scheduler_factory, self.hparams.scheduler_interval,
                                _default_sgd)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: shard :attr:`net` as ``shard`` says (see Args)."""
+        mesh, per = self.device_mesh, self.hparams.shard
+        if mesh is None:
+            if per is not None:
+                raise ValueError(f"shard={per!r} needs Trainer(strategy=ModelParallelStrategy("
+                                 "data_parallel_size=..., tensor_parallel_size=1)); use "
+                                 "shard=None with other strategies")
+            return
+        if per is None:
+            raise ValueError("ModelParallelStrategy shards nothing by itself: set shard="
+                             "'coupling' or 'stack' (--model.shard coupling)")
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError("Classifier shards over the data-parallel dimension only: use "
+                             "ModelParallelStrategy(data_parallel_size=<number of processes>, "
+                             f"tensor_parallel_size=1), not a {tuple(mesh.shape)} mesh")
+        fully_shard_reversible(self.net, mesh["data_parallel"], per)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
