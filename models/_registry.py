@@ -95,7 +95,7 @@ def register_model(fn: Callable[..., nn.Module] | None = None, /, **metadata):
 
 
 #: the modules whose import registers the built-in models
-_FAMILIES: list[str] = ["revnet", "irevnet", "flows", "conditional"]
+_FAMILIES: list[str] = ["revnet", "irevnet", "flows", "conditional", "vit"]
 
 
 def _load_families() -> None:

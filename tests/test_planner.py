@@ -55,6 +55,11 @@ SMALL = {
     "glow": ({"image_size": 16, "levels": 2, "steps": 4, "hidden": 32}, (3, 16, 16)),
     "realnvp": ({"image_size": 16, "levels": 2, "hidden": 16}, (3, 16, 16)),
     "nice": ({"dim": 64, "hidden": 64}, (64,)),
+    # the ViT rows at 16x16, patch 4 (16 tokens), 2 blocks; B and L also narrower
+    "rev_vit_tiny": ({"img_size": 16, "patch_size": 4, "depth": 2}, (3, 16, 16)),
+    "rev_vit_small": ({"img_size": 16, "patch_size": 4, "depth": 2, "pool": "cls"}, (3, 16, 16)),
+    "rev_vit_base": ({"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 48}, (3, 16, 16)),
+    "rev_vit_large": ({"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 64}, (3, 16, 16)),
 }
 
 
