@@ -234,7 +234,7 @@ class ReversibleTransformer(MemoryModeMixin, nn.Module):
         _check_arguments("ReversibleTransformer", dim, num_heads, mlp_ratio,
                          {"dropout": dropout, "attn_dropout": attn_dropout, "drop_path": drop_path})
         self.dim, self.depth, self.fuse = dim, depth, fuse
-        rates = torch.linspace(0, drop_path, depth).tolist() if depth > 1 else [drop_path]
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # 0 .. drop_path
         self.blocks = ReversibleSequential(
             *[ReversibleTransformerBlock(dim, num_heads, mlp_ratio, qkv_bias, dropout, attn_dropout,
                                          rate, eps) for rate in rates], memory=memory)

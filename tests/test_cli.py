@@ -42,6 +42,10 @@ EXPERIMENTS = {
     "imagenet_irevnet_a": ["imagenet.yaml", "imagenet_irevnet.yaml", "models/irevnet_a.yaml"],
     "digits_revnet_digits": ["digits_revnet.yaml"],
     "digits_irevnet_digits": ["digits_irevnet.yaml"],
+    "digits_rev_vit_digits": ["digits_vit.yaml"],
+    "cifar10_rev_vit_small": ["cifar.yaml", "cifar10_vit.yaml"],
+    "imagenet_rev_vit_small": ["imagenet.yaml", "imagenet_vit.yaml"],
+    "imagenet_rev_vit_base": ["imagenet.yaml", "imagenet_vit.yaml", "models/rev_vit_base.yaml"],
 }
 
 
@@ -96,7 +100,8 @@ def test_every_experiment_parses_and_says_what_runs(name, capsys):
 
 def test_every_config_file_is_used_and_configs_are_small():
     used = {f for files in EXPERIMENTS.values() for f in files}
-    flow_configs = {"digits_realnvp.yaml", "cifar10_realnvp.yaml", "cifar10_glow.yaml"}
+    flow_configs = {"digits_realnvp.yaml", "cifar10_realnvp.yaml", "cifar10_glow.yaml",
+                    "digits_cond_realnvp.yaml", "ik_cinn.yaml"}
     present = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     assert present - flow_configs - used <= {"models/revnet38.yaml", "models/revnet104.yaml",
                                              "models/irevnet_b.yaml"}  # the bases' defaults
