@@ -37,6 +37,18 @@ __all__ = ["RevViT", "rev_vit_tiny", "rev_vit_small", "rev_vit_base", "rev_vit_l
            "rev_vit_digits"]
 
 _POOLS = ("mean", "cls")
+_POS_EMBEDS = ("learned", "sincos")
+
+
+def sincos_2d(side: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings of a ``side x side`` grid, ``(side**2, dim)``:
+    a quarter of the features each for sin / cos of the row and of the column (MAE)."""
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64),
+                                torch.arange(side, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    r = rows.reshape(-1, 1) * omega  # (N, D / 4)
+    c = cols.reshape(-1, 1) * omega
+    return torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1).float()  # (N, D)
 
 
 class RevViT(MemoryModeMixin, nn.Module):
@@ -55,6 +67,9 @@ class RevViT(MemoryModeMixin, nn.Module):
         qkv_bias: bias of the query / key / value projection.
         pool: ``"mean"`` (mean of the patch tokens; Rev-ViT's ImageNet configs) or ``"cls"``
             (a class token).
+        pos_embed: ``"learned"`` (ViT, Rev-ViT) or ``"sincos"``: fixed 2-D sine-cosine
+            position embeddings (MAE; Beyer et al. 2022, "Better plain ViT baselines"), a
+            non-persistent buffer; the class token gets zeros.
         dropout: dropout after the attention projection, in the MLP and on the embedded tokens.
         attn_dropout: dropout of the attention weights.
         drop_path: stochastic depth of the last block, rising linearly from 0 (DeiT's rule).
@@ -75,6 +90,7 @@ class RevViT(MemoryModeMixin, nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         pool: str = "mean",
+        pos_embed: str = "learned",
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
         drop_path: float = 0.0,
@@ -88,6 +104,11 @@ class RevViT(MemoryModeMixin, nn.Module):
                              f"{max(1, round(img_size / max(patch_size, 1))) * patch_size}")
         if pool not in _POOLS:
             raise ValueError(f"RevViT: pool must be one of {_POOLS}, got {pool!r}")
+        if pos_embed not in _POS_EMBEDS:
+            raise ValueError(f"RevViT: pos_embed must be one of {_POS_EMBEDS}, got {pos_embed!r}")
+        if pos_embed == "sincos" and embed_dim % 4:
+            raise ValueError(f"RevViT: pos_embed='sincos' needs embed_dim divisible by 4, got "
+                             f"{embed_dim}")
         if in_channels < 1 or num_classes < 1 or depth < 1:
             raise ValueError(f"RevViT: in_channels, num_classes and depth must be positive, got "
                              f"{in_channels}, {num_classes} and {depth}")
@@ -99,7 +120,15 @@ class RevViT(MemoryModeMixin, nn.Module):
         num_patches = (img_size // patch_size) ** 2
         self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pool == "cls" else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + (pool == "cls"), embed_dim))
+        positions = (1, num_patches + (pool == "cls"), embed_dim)
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(positions))
+        else:
+            table = sincos_2d(img_size // patch_size, embed_dim)  # (N, D)
+            if pool == "cls":
+                table = torch.cat([table.new_zeros(1, embed_dim), table])
+            self.register_buffer("pos_embed", table[None].to(torch.get_default_dtype()),
+                                 persistent=False)
         self.pos_drop = nn.Dropout(dropout)
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # 0 .. drop_path
         self.blocks = ReversibleSequential(
@@ -112,7 +141,8 @@ class RevViT(MemoryModeMixin, nn.Module):
 
     def _init_weights(self) -> None:
         # ViT / SlowFast: truncated normal 0.02 for linear weights and embeddings
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
