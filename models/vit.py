@@ -57,7 +57,13 @@ class RevViT(MemoryModeMixin, nn.Module):
     Args:
         img_size: height and width of the input images (the position embedding is learned for
             this size).
-        patch_size: side of the square patches; must divide ``img_size``.
+        patch_size: side of the square patches (the stride of the patch embedding); must
+            divide ``img_size``.
+        patch_kernel: side of the patch embedding's kernel; default ``patch_size``
+            (non-overlapping patches, ViT). A larger one gives overlapping patches (SlowFast's
+            ``PATCH_KERNEL`` / ``PATCH_STRIDE`` / ``PATCH_PADDING``), padded by
+            ``(patch_kernel - patch_size + 1) // 2`` so that the tokens stay
+            ``(img_size / patch_size)**2``.
         in_channels: channels of the input image.
         num_classes: outputs of the linear head.
         embed_dim: width ``D`` of each of the two streams (the ViT width).
@@ -84,6 +90,7 @@ class RevViT(MemoryModeMixin, nn.Module):
         patch_size: int = 16,
         in_channels: int = 3,
         num_classes: int = 1000,
+        patch_kernel: int | None = None,
         embed_dim: int = 768,
         depth: int = 12,
         num_heads: int = 12,
@@ -118,7 +125,12 @@ class RevViT(MemoryModeMixin, nn.Module):
         self.input_shape = (in_channels, img_size, img_size)
         self.embed_dim, self.pool = embed_dim, pool
         num_patches = (img_size // patch_size) ** 2
-        self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, patch_size)
+        kernel = patch_size if patch_kernel is None else patch_kernel
+        if kernel < patch_size:
+            raise ValueError(f"RevViT: patch_kernel={kernel} must be at least patch_size="
+                             f"{patch_size}")
+        self.patch_embed = nn.Conv2d(in_channels, embed_dim, kernel, patch_size,
+                                     padding=(kernel - patch_size + 1) // 2)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pool == "cls" else None
         positions = (1, num_patches + (pool == "cls"), embed_dim)
         if pos_embed == "learned":

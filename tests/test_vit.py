@@ -94,10 +94,12 @@ def test_padded_tokens_do_not_reach_the_real_ones():
     assert not torch.allclose(a[~mask], b[~mask])
 
 
-@pytest.mark.parametrize("pool", ["mean", "cls"])
-def test_rev_vit_digits_gradients_equal_stored_twin(pool):
+@pytest.mark.parametrize("pool, extra", [("mean", {}), ("cls", {}),
+                                         ("cls", {"pos_embed": "sincos", "patch_kernel": 3})])
+def test_rev_vit_digits_gradients_equal_stored_twin(pool, extra):
     torch.manual_seed(0)
-    model = models.create("rev_vit_digits", pool=pool, embed_dim=16, depth=3, **STOCHASTIC)
+    model = models.create("rev_vit_digits", pool=pool, embed_dim=16, depth=3, **STOCHASTIC,
+                          **extra)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     assert_matches_stored_twin(model, x)
 
@@ -249,6 +251,22 @@ def test_rev_vit_bad_images():
         model(torch.randn(2, 1, 16, 16))
     with pytest.raises(ValueError, match="pool must be one of"):
         models.create("rev_vit_digits", pool="max")
+    with pytest.raises(ValueError, match="patch_kernel=1 must be at least patch_size=2"):
+        models.create("rev_vit_digits", patch_kernel=1)
+    with pytest.raises(ValueError, match="pos_embed='sincos' needs embed_dim divisible by 4"):
+        models.create("rev_vit_digits", pos_embed="sincos", embed_dim=18, num_heads=2)
+
+
+def test_sincos_positions_and_overlapping_patches():
+    from revtrain.models.vit import sincos_2d
+
+    table = sincos_2d(4, 16)  # (16 tokens, 16 features)
+    assert table.shape == (16, 16) and torch.allclose(table[0, 4:8], torch.ones(4))  # cos(0)
+    assert len({tuple(r.tolist()) for r in table}) == 16  # every position differs
+    model = models.create("rev_vit_digits", pos_embed="sincos", pool="cls", patch_kernel=3)
+    assert "pos_embed" not in model.state_dict() and model.pos_embed.shape == (1, 17, 64)
+    assert torch.equal(model.pos_embed[0, 0], torch.zeros(64))  # the class token's
+    assert model.tokens(torch.randn(2, 1, 8, 8)).shape == (2, 17, 64)
 
 
 def test_entry_points_take_the_vit_arguments():
