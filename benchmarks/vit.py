@@ -16,7 +16,7 @@ r"""Benchmarks of the reversible Vision Transformers (issue 11): memory, step ti
    mean pooling) and ``--time-batch`` set a smaller step; the JSON says which.
 3. ``digits``: ``rev_vit_digits`` and its stored twin, trained the same way from the same
    initial weights and seed (``configs/digits_vit.yaml``'s recipe: AdamW 5e-3, weight decay
-   0.05, one-cycle warm-up + cosine, label smoothing 0.1, batch 64, 1-pixel shifts, 60 epochs) on
+   0.05, one-cycle warm-up + cosine, label smoothing 0.1, batch 64, 1-pixel shifts, 100 epochs) on
    :class:`~revtrain.lightning.DigitsDataModule`'s split; test accuracy, wall time, load average.
 
 Writes ``benchmarks/results/vit_memory.json`` (1 and 2) and ``vit_digits.json`` (3).
@@ -160,7 +160,7 @@ def timing(batch: int, img: int, sizes: list[str], repeats: int) -> dict[str, An
 
 # --------------------------------------------------------------------------- 3. digits
 
-EPOCHS, LR, WEIGHT_DECAY, SMOOTHING, BATCH = 60, 5e-3, 0.05, 0.1, 64
+EPOCHS, LR, WEIGHT_DECAY, SMOOTHING, BATCH = 100, 5e-3, 0.05, 0.1, 64
 
 
 def _train(model: nn.Module, data, epochs: int, seed: int) -> dict[str, Any]:
@@ -231,9 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     if {"memory", "timing"} & set(parts):
         report: dict[str, Any] = {"environment": environment()}
         if "memory" in parts:
-            report["memory"] = memory(4, img, args.sizes)
+            report["memory"] = {"environment": environment(), **memory(4, img, args.sizes)}
         if "timing" in parts:
-            report["timing"] = timing(args.time_batch, time_img, args.sizes, args.repeats)
+            report["timing"] = {"environment": environment(),
+                                **timing(args.time_batch, time_img, args.sizes, args.repeats)}
             report["timing"]["note"] = (
                 f"step time measured at {time_img}x{time_img}, batch {args.time_batch} (memory at "
                 f"{img}x{img}, batch 4): a 224x224 Rev-ViT-B / -L step takes tens of seconds on "
