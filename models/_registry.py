@@ -111,7 +111,7 @@ def variant_of(base: Callable[..., nn.Module]):
 
 
 #: the modules whose import registers the built-in models
-_FAMILIES: list[str] = ["revnet", "irevnet", "flows", "conditional"]
+_FAMILIES: list[str] = ["revnet", "irevnet", "flows", "conditional", "vit"]
 
 
 def _load_families() -> None:

@@ -13,6 +13,9 @@ What is here (everything is imported on first use, so ``import revtrain`` is lig
   (:class:`Additive`, :class:`Affine`) and a split (:class:`ChannelSplit`), with the shortcuts
   :class:`AdditiveCoupling` and :class:`AffineCoupling`; :class:`Squeeze`,
   :class:`InjectivePad`, :class:`ChannelPermute`, :class:`SwapHalves`.
+* Transformers: :class:`ReversibleTransformerBlock` (the two-stream Rev-ViT coupling of
+  ``(B, N, 2D)`` sequences, masks as ``context``) and :class:`ReversibleTransformer` (a
+  ``(B, N, D)`` encoder: streams duplicated, ``depth`` blocks, streams fused).
 * Conditioning: :class:`ConditionalNet`, :func:`broadcast_context`, :class:`ConditionedStack`.
 * The contract: :class:`InvertibleModule` (and its ``subnet`` hook for new layers),
   :func:`is_invertible`, :class:`ReconstructionError`.
@@ -37,6 +40,7 @@ _EXPORTS = {
     "InvertibleModule": ".base", "ReconstructionError": ".base", "is_invertible": ".base",
     "MemoryMode": ".modes", "MemoryModeMixin": ".modes", "set_memory": ".modes",
     "ReversibleSequential": ".sequential", "is_rebuilding": ".state",
+    "ReversibleTransformer": ".transformer", "ReversibleTransformerBlock": ".transformer",
 }
 _SUBPACKAGES = ("flows", "lightning", "memory", "models", "testing")
 

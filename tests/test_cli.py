@@ -42,6 +42,10 @@ EXPERIMENTS = {
     "imagenet_irevnet_a": ["imagenet.yaml", "imagenet_irevnet.yaml", "models/irevnet_a.yaml"],
     "digits_revnet_digits": ["digits_revnet.yaml"],
     "digits_irevnet_digits": ["digits_irevnet.yaml"],
+    "digits_rev_vit_digits": ["digits_vit.yaml"],
+    "cifar10_rev_vit_small": ["cifar.yaml", "cifar10_vit.yaml"],
+    "imagenet_rev_vit_small": ["imagenet.yaml", "imagenet_vit.yaml"],
+    "imagenet_rev_vit_base": ["imagenet.yaml", "imagenet_vit.yaml", "models/rev_vit_base.yaml"],
 }
 
 

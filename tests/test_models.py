@@ -76,7 +76,7 @@ def assert_grads_equal(a, b, rtol=1e-8):
 def test_registry_metadata_of_every_classifier():
     assert {"revnet38", "resnet32", "irevnet", "revnet_digits"} <= set(INFOS)
     for name, info in INFOS.items():
-        assert info.name == name and info.family in ("revnet", "irevnet"), name
+        assert info.name == name and info.family in ("revnet", "irevnet", "vit"), name
         assert len(info.input_size) == 3 and info.description, name
         assert info.reversible == (not name.startswith("resnet")), name
     assert models.model_info("revnet38").paper_params == 0.46e6

@@ -62,6 +62,11 @@ SMALL = {
     "cond_glow_digits": ({"steps": 2}, (1, 8, 8)),
     "cond_glow": ({"image_size": 16, "levels": 2, "steps": 4, "hidden": 32}, (3, 16, 16)),
     "cond_realnvp": ({"image_size": 16, "levels": 2, "hidden": 16}, (3, 16, 16)),
+    # the ViT rows at 16x16, patch 4 (16 tokens), 2 blocks; B and L also narrower
+    "rev_vit_tiny": ({"img_size": 16, "patch_size": 4, "depth": 2}, (3, 16, 16)),
+    "rev_vit_small": ({"img_size": 16, "patch_size": 4, "depth": 2, "pool": "cls"}, (3, 16, 16)),
+    "rev_vit_base": ({"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 48}, (3, 16, 16)),
+    "rev_vit_large": ({"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 64}, (3, 16, 16)),
 }
 
 
