@@ -55,6 +55,11 @@ SMALL = {
     "glow": ({"image_size": 16, "levels": 2, "steps": 4, "hidden": 32}, (3, 16, 16)),
     "realnvp": ({"image_size": 16, "levels": 2, "hidden": 16}, (3, 16, 16)),
     "nice": ({"dim": 64, "hidden": 64}, (64,)),
+    "nsf": ({"dim": 4, "num_layers": 4, "hidden": 32}, (4,)),
+    "gin": ({"dim": 4, "num_layers": 4, "hidden": 32}, (4,)),
+    "spline_realnvp": ({"image_size": 16, "levels": 2, "hidden": 16, "bins": 4}, (3, 16, 16)),
+    "spline_glow": ({"image_size": 16, "levels": 2, "steps": 4, "hidden": 32, "bins": 4},
+                    (3, 16, 16)),
 }
 
 
