@@ -270,7 +270,7 @@ class Coupling(InvertibleModule):
         self.split.check(y, type(self).__name__)
         dim = self.split.dim
         y1, y2 = self.split.split(y)
-        if not torch.is_grad_enabled() and getattr(self.split, "views", False) and \
+        if not torch.is_grad_enabled() and _split_views(self.split, y) and \
                 _inverse_takes_out(type(self.transform)):
             return self._inverse_into_buffer(y, y1, y2, context)
         if self.g is None:
@@ -287,7 +287,7 @@ class Coupling(InvertibleModule):
         merge of the outputs. Returns ``False`` (and does nothing) when the split saves tensors
         of its own, so that the whole forward must be re-run.
         """
-        if not getattr(self.split, "views", False):
+        if not _split_views(self.split, x):
             return False
         dim = self.split.dim
         x1, x2 = self.split.split(x)
@@ -314,6 +314,13 @@ class Coupling(InvertibleModule):
 
     def extra_repr(self) -> str:
         return f"transform={self.transform!r}, split={self.split!r}"
+
+
+def _split_views(split, x: Tensor) -> bool:
+    """Whether ``split.split(x)`` returns views of ``x``: a split's ``views`` attribute, a bool
+    or a function of the input (a checkerboard mask: for vectors only)."""
+    views = getattr(split, "views", False)
+    return bool(views(x)) if callable(views) else bool(views)
 
 
 @cache
