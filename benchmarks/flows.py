@@ -108,12 +108,13 @@ def optimum(name: str, n: int = 1_000_000) -> dict[str, float]:
 
 def train_2d(name: str, steps: int, batch: int, config: dict[str, Any], seed: int = 0,
              memory: str = "reversible", lr: float = 2e-3,
-             max_seconds: float = 175.0) -> dict[str, Any]:
-    """Train ``realnvp(dim=2)`` for ``steps`` steps (or until ``max_seconds``); test NLL."""
+             max_seconds: float = 175.0, model_name: str = "realnvp") -> dict[str, Any]:
+    """Train ``model_name(dim=2)`` (``realnvp``, ``nsf``, ...) for ``steps`` steps (or until
+    ``max_seconds``); test NLL."""
     sampler, _ = DENSITIES[name]
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    model = create("realnvp", dim=2, memory=memory, **config)
+    model = create(model_name, dim=2, memory=memory, **config)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     start = time.perf_counter()
@@ -134,7 +135,8 @@ def train_2d(name: str, steps: int, batch: int, config: dict[str, Any], seed: in
         nll = torch.cat([-model.log_prob(chunk) for chunk in test.split(10_000)]).double()
     best = optimum(name)
     return {
-        "density": name, "model": "realnvp", "memory": memory, "config": config,
+        "density": name, "model": model_name, "memory": memory, "config": config,
+        "params": sum(p.numel() for p in model.parameters()),
         "steps_planned": steps, "steps_done": done, "batch": batch, "lr": lr,
         "schedule": "Adam, cosine decay over steps_planned", "max_seconds": max_seconds,
         "train_seconds": round(train_s, 1),
@@ -243,7 +245,14 @@ def environment() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["2d", "digits"], default=None)
+    parser.add_argument("--only", choices=["2d", "digits", "2d-spline"], default=None,
+                        help="one part; 2d-spline: the spline flow (nsf) on the 2-D densities "
+                        "in both memory modes")
+    parser.add_argument("--steps", type=int, default=6000, help="2-D training steps")
+    parser.add_argument("--max-seconds", type=float, default=175.0,
+                        help="time limit of one 2-D training run (steps_done says where it stopped)")
+    parser.add_argument("--memories", nargs="+", default=["reversible"],
+                        choices=["reversible", "stored"], help="memory modes of the 2-D runs")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run, nothing written")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=1,
@@ -254,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     cfg_2d = dict(num_layers=12, hidden=64, depth=2)
-    steps_2d, batch_2d = (20, 64) if args.quick else (6000, 512)
+    steps_2d, batch_2d = (20, 64) if args.quick else (args.steps, 512)
+    cfg_nsf = dict(num_layers=4, hidden=64, depth=2, bins=8, bound=3.0)
     cfg_digits = {
         "realnvp": dict(levels=2, hidden=32),
         "glow": dict(levels=2, steps=8, hidden=32),
@@ -268,6 +278,15 @@ def main(argv: list[str] | None = None) -> None:
                   f"{result['optimal_nll_nats']:.4f}, gap {result['gap_nats']:.4f} "
                   f"({result['train_seconds']} s)", flush=True)
             report["2d"].append(result)
+    if args.only == "2d-spline":
+        for name in DENSITIES:
+            for memory in args.memories:
+                result = train_2d(name, steps_2d, batch_2d, cfg_nsf, memory=memory,
+                                  max_seconds=args.max_seconds, model_name="nsf")
+                print(f"{name} nsf {memory}: test NLL {result['test_nll_nats']:.4f} nats, optimum "
+                      f"{result['optimal_nll_nats']:.4f}, gap {result['gap_nats']:.4f} "
+                      f"({result['steps_done']} steps, {result['train_seconds']} s)", flush=True)
+                report["2d"].append(result)
     if args.only in (None, "digits"):
         runs = [(name, cfg, memory, "uniform") for name, cfg in cfg_digits.items()
                 for memory in ("reversible", "stored")]

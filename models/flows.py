@@ -374,20 +374,25 @@ def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden:
 
 
 def _vector_flow(dim: int, num_layers: int, hidden: int, depth: int, make_t, actnorm: bool,
-                 lu: bool, memory: MemoryMode | str) -> VectorFlow:
-    """``num_layers`` x (half coupling with alternating masks, [ActNorm], [LU linear layer])."""
+                 lu: bool, memory: MemoryMode | str, steps: bool = False) -> VectorFlow:
+    """``num_layers`` x (half coupling with alternating masks, [ActNorm]); with ``steps``,
+    Glow's order instead: ([ActNorm], [LU linear layer], coupling)."""
     if dim < 2:
         raise ValueError(f"a coupling flow on vectors needs dim >= 2 to split, got {dim}")
     layers: list[nn.Module] = []
     for i in range(num_layers):
         mask = CheckerboardMask(i % 2)
         n1 = len(range(mask.parity, dim, 2))
-        layers.append(_coupling(lambda k, n1=n1: MLP(dim - n1, k * n1, hidden, depth), mask,
-                                make_t()))
+        coupling = _coupling(lambda k, n1=n1: MLP(dim - n1, k * n1, hidden, depth), mask,
+                             make_t())
+        if not steps:
+            layers += [coupling, ActNorm(dim)] if actnorm else [coupling]
+            continue
         if actnorm:
             layers.append(ActNorm(dim))
-        if lu and i < num_layers - 1:
+        if lu:
             layers.append(InvConv1x1LU(dim))
+        layers.append(coupling)
     return VectorFlow(dim, layers, StandardNormal(), memory)
 
 
@@ -397,13 +402,14 @@ def nsf(dim: int = 2, num_layers: int = 8, hidden: int = 64, depth: int = 2, bin
         memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> VectorFlow:
     """Neural spline flow on vectors: rational-quadratic spline couplings (Durkan et al. 2019).
 
-    ``num_layers`` x (spline half coupling with alternating masks, ActNorm, LU linear layer),
+    ``num_layers`` x (ActNorm, LU linear layer, spline half coupling with alternating masks),
     MLP sub-networks of ``depth`` hidden layers of width ``hidden``, ``bins`` bins on
     ``[-bound, bound]`` and linear tails; standard normal prior. The spline coupling written
     once (:class:`revtrain.RationalQuadratic`) trains through the fused reversible backward.
     """
     return _vector_flow(dim, num_layers, hidden, depth,
-                        lambda: RationalQuadratic(bins=bins, bound=bound), actnorm, lu, memory)
+                        lambda: RationalQuadratic(bins=bins, bound=bound), actnorm, lu, memory,
+                        steps=True)
 
 
 @register_model(input_size=(2,), paper="GIN (Sorrenson et al. 2020)")
