@@ -20,6 +20,17 @@ exact to rounding. Use it as the ``transform`` of :class:`revtrain.Coupling`; it
 through the reversible engine like :class:`~revtrain.Affine` (one extra evaluation of each
 sub-network in backward, the element-wise spline re-run for what it saved).
 
+>>> import torch
+>>> import revtrain
+>>> from revtrain.flows import MLP, CheckerboardMask
+>>> spline = revtrain.RationalQuadratic(bins=8, bound=3.0)      # 23 values per element
+>>> layer = revtrain.Coupling(MLP(2, 2 * spline.num_params), None, spline,
+...                           split=CheckerboardMask(0))         # (B, 4): 2 entries transformed
+>>> x = torch.randn(5, 4, dtype=torch.float64)
+>>> y, log_det = layer.double().forward_and_log_det(x)
+>>> bool((layer.inverse(y) - x).abs().max() < 1e-12), tuple(log_det.shape)
+(True, (5,))
+
 Reference: Durkan, Bekasov, Murray & Papamakarios, "Neural Spline Flows", NeurIPS 2019.
 """
 
