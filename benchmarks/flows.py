@@ -245,9 +245,12 @@ def environment() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["2d", "digits", "2d-spline"], default=None,
-                        help="one part; 2d-spline: the spline flow (nsf) on the 2-D densities "
-                        "in both memory modes")
+    parser.add_argument("--only", choices=["2d", "digits", "2d-spline", "digits-spline"],
+                        default=None,
+                        help="one part; 2d-spline: the spline flow (nsf) on the 2-D densities; "
+                        "digits-spline: spline_realnvp and glow with the logit on digits "
+                        "(--memories for both)")
+    parser.add_argument("--epochs", type=int, default=30, help="digits training epochs")
     parser.add_argument("--steps", type=int, default=6000, help="2-D training steps")
     parser.add_argument("--max-seconds", type=float, default=175.0,
                         help="time limit of one 2-D training run (steps_done says where it stopped)")
@@ -269,7 +272,11 @@ def main(argv: list[str] | None = None) -> None:
         "realnvp": dict(levels=2, hidden=32),
         "glow": dict(levels=2, steps=8, hidden=32),
     }
-    epochs = 1 if args.quick else 30
+    epochs = 1 if args.quick else args.epochs
+    cfg_digits_spline = {
+        "spline_realnvp": dict(levels=2, hidden=32, bins=8),
+        "glow": dict(levels=2, steps=8, hidden=32, preprocess="logit"),
+    }
     report: dict[str, Any] = {"environment": environment(), "2d": [], "digits": []}
     if args.only in (None, "2d"):
         for name in DENSITIES:
@@ -287,6 +294,13 @@ def main(argv: list[str] | None = None) -> None:
                       f"{result['optimal_nll_nats']:.4f}, gap {result['gap_nats']:.4f} "
                       f"({result['steps_done']} steps, {result['train_seconds']} s)", flush=True)
                 report["2d"].append(result)
+    if args.only == "digits-spline":
+        for name, cfg in cfg_digits_spline.items():
+            for memory in args.memories:
+                result = train_digits(name, memory, epochs, cfg)
+                print(f"digits {name} {memory}: test {result['test_bpd']:.4f} bits/dim "
+                      f"({result['train_seconds']} s)", flush=True)
+                report["digits"].append(result)
     if args.only in (None, "digits"):
         runs = [(name, cfg, memory, "uniform") for name, cfg in cfg_digits.items()
                 for memory in ("reversible", "stored")]
