@@ -30,6 +30,7 @@ smoke run, ``--only 2d`` / ``--only digits`` for one part.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -251,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
                         "digits-spline: spline_realnvp and glow with the logit on digits "
                         "(--memories for both)")
     parser.add_argument("--epochs", type=int, default=30, help="digits training epochs")
+    parser.add_argument("--nsf", type=json.loads, default=None,
+                        help="nsf keyword arguments of the 2d-spline runs, as JSON")
     parser.add_argument("--steps", type=int, default=6000, help="2-D training steps")
     parser.add_argument("--max-seconds", type=float, default=175.0,
                         help="time limit of one 2-D training run (steps_done says where it stopped)")
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg_2d = dict(num_layers=12, hidden=64, depth=2)
     steps_2d, batch_2d = (20, 64) if args.quick else (args.steps, 512)
-    cfg_nsf = dict(num_layers=4, hidden=64, depth=2, bins=8, bound=3.0)
+    cfg_nsf = args.nsf or dict(num_layers=4, hidden=64, depth=2, bins=8, bound=3.0)
     cfg_digits = {
         "realnvp": dict(levels=2, hidden=32),
         "glow": dict(levels=2, steps=8, hidden=32),
@@ -312,8 +315,6 @@ def main(argv: list[str] | None = None) -> None:
             report["digits"].append(result)
     report["environment"]["total_seconds"] = round(time.perf_counter() - started, 1)
     if not args.quick:
-        import json
-
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.out}")
