@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg_2d = dict(num_layers=12, hidden=64, depth=2)
     steps_2d, batch_2d = (20, 64) if args.quick else (args.steps, 512)
-    cfg_nsf = args.nsf or dict(num_layers=4, hidden=64, depth=2, bins=8, bound=3.0)
+    cfg_nsf = args.nsf or dict(num_layers=4, hidden=64, depth=2, bins=8, bound=4.0, lu=False,
+                               actnorm=False)  # nsf's defaults
     cfg_digits = {
         "realnvp": dict(levels=2, hidden=32),
         "glow": dict(levels=2, steps=8, hidden=32),
