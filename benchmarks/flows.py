@@ -30,6 +30,7 @@ smoke run, ``--only 2d`` / ``--only digits`` for one part.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -108,12 +109,13 @@ def optimum(name: str, n: int = 1_000_000) -> dict[str, float]:
 
 def train_2d(name: str, steps: int, batch: int, config: dict[str, Any], seed: int = 0,
              memory: str = "reversible", lr: float = 2e-3,
-             max_seconds: float = 175.0) -> dict[str, Any]:
-    """Train ``realnvp(dim=2)`` for ``steps`` steps (or until ``max_seconds``); test NLL."""
+             max_seconds: float = 175.0, model_name: str = "realnvp") -> dict[str, Any]:
+    """Train ``model_name(dim=2)`` (``realnvp``, ``nsf``, ...) for ``steps`` steps (or until
+    ``max_seconds``); test NLL."""
     sampler, _ = DENSITIES[name]
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    model = create("realnvp", dim=2, memory=memory, **config)
+    model = create(model_name, dim=2, memory=memory, **config)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     start = time.perf_counter()
@@ -134,7 +136,8 @@ def train_2d(name: str, steps: int, batch: int, config: dict[str, Any], seed: in
         nll = torch.cat([-model.log_prob(chunk) for chunk in test.split(10_000)]).double()
     best = optimum(name)
     return {
-        "density": name, "model": "realnvp", "memory": memory, "config": config,
+        "density": name, "model": model_name, "memory": memory, "config": config,
+        "params": sum(p.numel() for p in model.parameters()),
         "steps_planned": steps, "steps_done": done, "batch": batch, "lr": lr,
         "schedule": "Adam, cosine decay over steps_planned", "max_seconds": max_seconds,
         "train_seconds": round(train_s, 1),
@@ -243,7 +246,19 @@ def environment() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["2d", "digits"], default=None)
+    parser.add_argument("--only", choices=["2d", "digits", "2d-spline", "digits-spline"],
+                        default=None,
+                        help="one part; 2d-spline: the spline flow (nsf) on the 2-D densities; "
+                        "digits-spline: spline_realnvp and glow with the logit on digits "
+                        "(--memories for both)")
+    parser.add_argument("--epochs", type=int, default=30, help="digits training epochs")
+    parser.add_argument("--nsf", type=json.loads, default=None,
+                        help="nsf keyword arguments of the 2d-spline runs, as JSON")
+    parser.add_argument("--steps", type=int, default=6000, help="2-D training steps")
+    parser.add_argument("--max-seconds", type=float, default=175.0,
+                        help="time limit of one 2-D training run (steps_done says where it stopped)")
+    parser.add_argument("--memories", nargs="+", default=["reversible"],
+                        choices=["reversible", "stored"], help="memory modes of the 2-D runs")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run, nothing written")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=1,
@@ -254,12 +269,18 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     cfg_2d = dict(num_layers=12, hidden=64, depth=2)
-    steps_2d, batch_2d = (20, 64) if args.quick else (6000, 512)
+    steps_2d, batch_2d = (20, 64) if args.quick else (args.steps, 512)
+    cfg_nsf = args.nsf or dict(num_layers=4, hidden=64, depth=2, bins=8, bound=4.0, lu=False,
+                               actnorm=False)  # nsf's defaults
     cfg_digits = {
         "realnvp": dict(levels=2, hidden=32),
         "glow": dict(levels=2, steps=8, hidden=32),
     }
-    epochs = 1 if args.quick else 30
+    epochs = 1 if args.quick else args.epochs
+    cfg_digits_spline = {
+        "spline_realnvp": dict(levels=2, hidden=32, bins=8),
+        "glow": dict(levels=2, steps=8, hidden=32, preprocess="logit"),
+    }
     report: dict[str, Any] = {"environment": environment(), "2d": [], "digits": []}
     if args.only in (None, "2d"):
         for name in DENSITIES:
@@ -268,6 +289,22 @@ def main(argv: list[str] | None = None) -> None:
                   f"{result['optimal_nll_nats']:.4f}, gap {result['gap_nats']:.4f} "
                   f"({result['train_seconds']} s)", flush=True)
             report["2d"].append(result)
+    if args.only == "2d-spline":
+        for name in DENSITIES:
+            for memory in args.memories:
+                result = train_2d(name, steps_2d, batch_2d, cfg_nsf, memory=memory,
+                                  max_seconds=args.max_seconds, model_name="nsf")
+                print(f"{name} nsf {memory}: test NLL {result['test_nll_nats']:.4f} nats, optimum "
+                      f"{result['optimal_nll_nats']:.4f}, gap {result['gap_nats']:.4f} "
+                      f"({result['steps_done']} steps, {result['train_seconds']} s)", flush=True)
+                report["2d"].append(result)
+    if args.only == "digits-spline":
+        for name, cfg in cfg_digits_spline.items():
+            for memory in args.memories:
+                result = train_digits(name, memory, epochs, cfg)
+                print(f"digits {name} {memory}: test {result['test_bpd']:.4f} bits/dim "
+                      f"({result['train_seconds']} s)", flush=True)
+                report["digits"].append(result)
     if args.only in (None, "digits"):
         runs = [(name, cfg, memory, "uniform") for name, cfg in cfg_digits.items()
                 for memory in ("reversible", "stored")]
@@ -279,8 +316,6 @@ def main(argv: list[str] | None = None) -> None:
             report["digits"].append(result)
     report["environment"]["total_seconds"] = round(time.perf_counter() - started, 1)
     if not args.quick:
-        import json
-
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.out}")

@@ -15,13 +15,18 @@ grow with the number of steps ``K``. ``memory="stored"`` is the ordinary-autogra
 ``"checkpoint"`` per-layer checkpointing; same parameters and results in every mode, and the
 ``memory`` attribute switches an existing model.
 
-Image models take data in :math:`[0, 1]` (dequantized, see :mod:`revtrain.flows.dequant`);
-RealNVP starts with the logit transform, Glow with :math:`x - \tfrac12`; both log-dets are part
-of ``log_prob``, so it is a density on :math:`[0, 1]^D`.
+Image models take data in :math:`[0, 1]` (dequantized, see :mod:`revtrain.flows.dequant`).
+RealNVP starts with the logit transform, so ``log_prob`` is a density on :math:`[0, 1]^D`; Glow
+starts with :math:`x - \tfrac12` by default (as openai/glow), a density on :math:`\mathbb R^D`
+that may put mass outside the unit cube, or with the logit transform (``preprocess="logit"``).
+Every coupling takes its element-wise transform by name (``transform=``): ``"affine"``
+(RealNVP, Glow), ``"additive"`` (NICE), ``"gin"`` (volume preserving, GIN) or ``"spline"``
+(rational-quadratic, neural spline flows).
 
 References:
     Dinh et al., "NICE", 2014. Dinh et al., "Density estimation using Real NVP", 2016.
     Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    Durkan et al., "Neural Spline Flows", 2019. Sorrenson et al., "GIN", 2020.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ from revtrain import (
     Additive,
     Affine,
     AffineCoupling,
+    ChannelSplit,
     Coupling,
     MemoryMode,
+    RationalQuadratic,
     ReversibleSequential,
+    VolumePreservingAffine,
 )
 from revtrain.base import InvertibleModule
 from revtrain.flows import (
@@ -63,7 +71,36 @@ from revtrain.modes import MemoryModeMixin
 from ._registry import register_model
 
 __all__ = ["FlowModel", "VectorFlow", "MultiScaleFlow", "glow_step", "glow_level",
-           "nice", "realnvp", "glow"]
+           "make_transform", "nice", "realnvp", "glow", "nsf", "gin", "spline_realnvp",
+           "spline_glow"]
+
+TRANSFORMS = ("affine", "additive", "gin", "spline")
+
+
+def make_transform(name: str, clamp: float | None = 2.0, bins: int = 8, bound: float = 3.0):
+    """The element-wise coupling transform called ``name``.
+
+    ``"affine"``: :class:`~revtrain.Affine` with soft clamp ``clamp``; ``"additive"``:
+    :class:`~revtrain.Additive`; ``"gin"``: :class:`~revtrain.VolumePreservingAffine`;
+    ``"spline"``: :class:`~revtrain.RationalQuadratic` with ``bins`` bins on ``[-bound, bound]``.
+    """
+    if name == "affine":
+        return Affine(clamp)
+    if name == "additive":
+        return Additive()
+    if name == "gin":
+        return VolumePreservingAffine(clamp)
+    if name == "spline":
+        return RationalQuadratic(bins=bins, bound=bound)
+    raise ValueError(f"unknown coupling transform {name!r}; use one of {', '.join(TRANSFORMS)}")
+
+
+def _preprocess(name: str, preprocess: str, alpha: float) -> InvertibleModule:
+    if preprocess == "logit":
+        return LogitTransform(alpha)
+    if preprocess == "center":
+        return CenterShift()
+    raise ValueError(f"{name}: preprocess must be 'logit' or 'center', got {preprocess!r}")
 
 
 class FlowModel(MemoryModeMixin, InvertibleModule):
@@ -195,19 +232,29 @@ def _check_image(name: str, in_channels: int, image_size: int, levels: int) -> N
         raise ValueError(f"{name}: in_channels must be positive, got {in_channels}")
 
 
-def glow_step(channels: int, hidden: int, clamp: float = 2.0, lu: bool = True) -> list[nn.Module]:
-    """One Glow step of flow: ActNorm, invertible 1x1 convolution, affine half coupling."""
+def glow_step(channels: int, hidden: int, clamp: float = 2.0, lu: bool = True,
+              transform: str = "affine", bins: int = 8, bound: float = 3.0) -> list[nn.Module]:
+    """One Glow step of flow: ActNorm, invertible 1x1 convolution, half coupling
+    (``transform``, see :func:`make_transform`; affine in Glow)."""
     kept, transformed = split_sizes(channels)
+    if transform == "affine":
+        coupling: nn.Module = AffineCoupling(ConvNet(kept, 2 * transformed, hidden), None,
+                                             split_dim=1, clamp=clamp)
+    else:
+        t = make_transform(transform, clamp, bins, bound)
+        coupling = Coupling(ConvNet(kept, t.num_params * transformed, hidden), None, t,
+                            ChannelSplit(1))
     return [
         ActNorm(channels),
         InvConv1x1LU(channels) if lu else InvConv1x1(channels),
-        AffineCoupling(ConvNet(kept, 2 * transformed, hidden), None, split_dim=1, clamp=clamp),
+        coupling,
     ]
 
 
 def glow_level(in_channels: int, steps: int, hidden: int, squeeze: bool = True,
                split: bool = False, clamp: float = 2.0, lu: bool = True,
-               memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> ReversibleSequential:
+               memory: MemoryMode | str = MemoryMode.REVERSIBLE, transform: str = "affine",
+               bins: int = 8, bound: float = 3.0) -> ReversibleSequential:
     """One Glow level as a reversible stack: [squeeze], ``steps`` steps, [Gaussian split].
 
     Args:
@@ -221,7 +268,7 @@ def glow_level(in_channels: int, steps: int, hidden: int, squeeze: bool = True,
     c = 4 * in_channels if squeeze else in_channels
     layers: list[nn.Module] = [Squeeze(2)] if squeeze else []
     for _ in range(steps):
-        layers += glow_step(c, hidden, clamp, lu)
+        layers += glow_step(c, hidden, clamp, lu, transform, bins, bound)
     if split:
         layers.append(GaussianSplit(c))
     return ReversibleSequential(*layers, memory=memory)
@@ -230,41 +277,50 @@ def glow_level(in_channels: int, steps: int, hidden: int, squeeze: bool = True,
 @register_model(input_size=(3, 32, 32), paper="Glow (Kingma & Dhariwal 2018)")
 def glow(in_channels: int = 3, image_size: int = 32, levels: int = 3, steps: int = 32,
          hidden: int = 512, clamp: float = 2.0, lu: bool = True, split_prior: bool = True,
-         memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> MultiScaleFlow:
-    """Glow (Kingma & Dhariwal 2018): ``levels`` levels of ``steps`` steps each.
+         memory: MemoryMode | str = MemoryMode.REVERSIBLE, preprocess: str = "center",
+         alpha: float = 0.05, transform: str = "affine", bins: int = 8,
+         bound: float = 3.0) -> MultiScaleFlow:
+    r"""Glow (Kingma & Dhariwal 2018): ``levels`` levels of ``steps`` steps each.
 
     Each level: squeeze, ``K`` x (ActNorm, LU 1x1 convolution, affine coupling), then (except
     the last) a learned conditional Gaussian prior (``split_prior``; otherwise a standard
     normal) and factoring-out of half the channels.
-    Data in ``[0, 1]``, shape ``(in_channels, image_size, image_size)``.
+    Data in ``[0, 1]``, shape ``(in_channels, image_size, image_size)``. ``preprocess``:
+    ``"center"`` (:math:`x - 1/2`, openai/glow; a density on :math:`\mathbb R^D`, which may
+    put mass outside the unit cube) or ``"logit"`` (RealNVP's logit with margin ``alpha``; a
+    density on :math:`[0, 1]^D`, and measured better on digits). ``transform`` as in
+    :func:`make_transform` (``bins``, ``bound`` for ``"spline"``).
     """
     _check_image("glow", in_channels, image_size, levels)
+    pre = _preprocess("glow", preprocess, alpha)
+    make_transform(transform, clamp, bins, bound)  # a bad name fails here, before any layer
     stacks, factored, shapes = [], [], []
     c, s = in_channels, image_size
     for level in range(levels):
         last = level == levels - 1
         stacks.append(glow_level(c, steps, hidden, squeeze=True, split=split_prior and not last,
-                                 clamp=clamp, lu=lu, memory=memory))
+                                 clamp=clamp, lu=lu, memory=memory, transform=transform,
+                                 bins=bins, bound=bound))
         c, s = 4 * c, s // 2
         shapes.append((c, s, s))
         out = 0 if last else split_sizes(c)[1]
         factored.append(out)
         c -= out
-    return MultiScaleFlow((in_channels, image_size, image_size), CenterShift(), stacks,
-                          factored, shapes)
+    return MultiScaleFlow((in_channels, image_size, image_size), pre, stacks, factored, shapes)
 
 
-def _coupling(net: nn.Module, mask: ChannelMask | CheckerboardMask,
-              clamp: float | None = None) -> Coupling:
-    """A half coupling with ``mask``: affine with soft clamp ``clamp``, additive if ``None``."""
-    return Coupling(net, None, Additive() if clamp is None else Affine(clamp), split=mask)
+def _coupling(make_net, mask: ChannelMask | CheckerboardMask, transform) -> Coupling:
+    """A half coupling with ``mask`` and ``transform``; ``make_net(k)`` builds its network for
+    ``k`` parameters per transformed entry."""
+    return Coupling(make_net(transform.num_params), None, transform, split=mask)
 
 
 @register_model(input_size=(3, 32, 32), paper="RealNVP (Dinh et al. 2016)")
 def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden: int = 64,
             dim: int | None = None, num_layers: int = 8, depth: int = 2, clamp: float = 2.0,
             alpha: float = 0.05, actnorm: bool = True, split_prior: bool = False,
-            memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> FlowModel:
+            memory: MemoryMode | str = MemoryMode.REVERSIBLE, transform: str = "affine",
+            bins: int = 8, bound: float = 3.0) -> FlowModel:
     """RealNVP (Dinh et al. 2016), for images (multi-scale) or, with ``dim``, for vectors.
 
     Images: logit preprocessing, then per level 3 checkerboard affine couplings, a squeeze,
@@ -272,16 +328,15 @@ def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden:
     checkerboard couplings. Vectors (``dim`` given): ``num_layers`` affine couplings with
     alternating masks, MLP sub-networks of ``depth`` hidden layers. ``actnorm`` adds an ActNorm
     after every coupling; ``split_prior`` a learned conditional prior at each split (Glow's).
+    ``transform`` as in :func:`make_transform` (``"affine"`` in the paper; ``"spline"`` with
+    ``bins`` bins on ``[-bound, bound]``).
     """
+    def t():
+        return make_transform(transform, clamp, bins, bound)
+
+    t()  # a bad transform name fails before any layer is built
     if dim is not None:
-        layers: list[nn.Module] = []
-        for i in range(num_layers):
-            mask = CheckerboardMask(i % 2)
-            n1 = len(range(mask.parity, dim, 2))
-            layers.append(_coupling(MLP(dim - n1, 2 * n1, hidden, depth), mask, clamp))
-            if actnorm:
-                layers.append(ActNorm(dim))
-        return VectorFlow(dim, layers, StandardNormal(), memory)
+        return _vector_flow(dim, num_layers, hidden, depth, t, actnorm, False, memory)
 
     _check_image("realnvp", in_channels, image_size, levels)
     stacks, factored, shapes = [], [], []
@@ -291,8 +346,9 @@ def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden:
         layers = []
         for i in range(4 if last else 3):
             mask = CheckerboardMask(i % 2)
-            layers.append(_coupling(CheckerboardNet(ConvNet(c + 1, 2 * c, hidden), mask), mask,
-                                    clamp))
+            layers.append(_coupling(
+                lambda k, c=c, mask=mask: CheckerboardNet(ConvNet(c + 1, k * c, hidden), mask),
+                mask, t()))
             if actnorm:
                 layers.append(ActNorm(c))
         if not last:
@@ -300,8 +356,10 @@ def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden:
             c, s = 4 * c, s // 2
             kept, transformed = split_sizes(c)
             for i in range(3):
-                layers.append(_coupling(ConvNet(kept, 2 * transformed, hidden),
-                                        ChannelMask(flip=bool(i % 2)), clamp))
+                layers.append(_coupling(
+                    lambda k, kept=kept, transformed=transformed: ConvNet(kept, k * transformed,
+                                                                          hidden),
+                    ChannelMask(flip=bool(i % 2)), t()))
                 if actnorm:
                     layers.append(ActNorm(c))
             if split_prior:
@@ -313,6 +371,96 @@ def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden:
         c -= out
     return MultiScaleFlow((in_channels, image_size, image_size), LogitTransform(alpha), stacks,
                           factored, shapes)
+
+
+def _vector_flow(dim: int, num_layers: int, hidden: int, depth: int, make_t, actnorm: bool,
+                 lu: bool, memory: MemoryMode | str, steps: bool = False) -> VectorFlow:
+    """``num_layers`` x (half coupling with alternating masks, [ActNorm]); with ``steps``,
+    Glow's order instead: ([ActNorm], [LU linear layer], coupling)."""
+    if dim < 2:
+        raise ValueError(f"a coupling flow on vectors needs dim >= 2 to split, got {dim}")
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        mask = CheckerboardMask(i % 2)
+        n1 = len(range(mask.parity, dim, 2))
+        coupling = _coupling(lambda k, n1=n1: MLP(dim - n1, k * n1, hidden, depth), mask,
+                             make_t())
+        if not steps:
+            layers += [coupling, ActNorm(dim)] if actnorm else [coupling]
+            continue
+        if actnorm:
+            layers.append(ActNorm(dim))
+        if lu:
+            layers.append(InvConv1x1LU(dim))
+        layers.append(coupling)
+    return VectorFlow(dim, layers, StandardNormal(), memory)
+
+
+@register_model(input_size=(2,), paper="Neural spline flows (Durkan et al. 2019), coupling")
+def nsf(dim: int = 2, num_layers: int = 4, hidden: int = 64, depth: int = 2, bins: int = 8,
+        bound: float = 4.0, actnorm: bool = False, lu: bool = False,
+        memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> VectorFlow:
+    """Neural spline flow on vectors: rational-quadratic spline couplings (Durkan et al. 2019).
+
+    ``num_layers`` x ([ActNorm], [LU linear layer], spline half coupling with alternating
+    masks), MLP sub-networks of ``depth`` hidden layers of width ``hidden``, ``bins`` bins on
+    ``[-bound, bound]`` and identity tails outside; standard normal prior. The defaults are the
+    configuration of the 2-D density benchmark (``benchmarks/flows.py --only 2d-spline``): no
+    ActNorm, no LU layers (both measured worse there), so data should lie mostly inside
+    ``[-bound, bound]``; ``actnorm=True`` normalises the scale first. The spline coupling written
+    once (:class:`revtrain.RationalQuadratic`) trains through the fused reversible backward.
+    """
+    return _vector_flow(dim, num_layers, hidden, depth,
+                        lambda: RationalQuadratic(bins=bins, bound=bound), actnorm, lu, memory,
+                        steps=True)
+
+
+@register_model(input_size=(2,), paper="GIN (Sorrenson et al. 2020)")
+def gin(dim: int = 2, num_layers: int = 8, hidden: int = 64, depth: int = 2,
+        clamp: float = 2.0, memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> VectorFlow:
+    """GIN (Sorrenson et al. 2020): volume-preserving affine couplings on vectors.
+
+    ``num_layers`` affine half couplings with alternating masks whose log-scales sum to zero
+    per sample (:class:`revtrain.VolumePreservingAffine`): the flow's log-det is exactly 0.
+    No ActNorm (it would change the volume); standard normal prior (GIN's class-conditional
+    Gaussian mixture is left to the caller's prior).
+    """
+    return _vector_flow(dim, num_layers, hidden, depth, lambda: VolumePreservingAffine(clamp),
+                        False, False, memory)
+
+
+@register_model(input_size=(3, 32, 32), paper="RealNVP with spline couplings (Durkan et al. 2019)")
+def spline_realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden: int = 64,
+                   dim: int | None = None, num_layers: int = 8, depth: int = 2, bins: int = 8,
+                   bound: float = 3.0, alpha: float = 0.05, actnorm: bool = True,
+                   split_prior: bool = False,
+                   memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> FlowModel:
+    """RealNVP's architecture with rational-quadratic spline couplings.
+
+    ``realnvp(transform="spline")``: images (multi-scale, logit preprocessing) or, with
+    ``dim``, vectors; ``bins`` bins on ``[-bound, bound]``; the other arguments as in
+    ``realnvp``.
+    """
+    return realnvp(in_channels=in_channels, image_size=image_size, levels=levels, hidden=hidden,
+                   dim=dim, num_layers=num_layers, depth=depth, alpha=alpha, actnorm=actnorm,
+                   split_prior=split_prior, memory=memory, transform="spline", bins=bins,
+                   bound=bound)
+
+
+@register_model(input_size=(3, 32, 32), paper="Glow with spline couplings (Durkan et al. 2019)")
+def spline_glow(in_channels: int = 3, image_size: int = 32, levels: int = 3, steps: int = 32,
+                hidden: int = 512, bins: int = 8, bound: float = 3.0, lu: bool = True,
+                split_prior: bool = True, preprocess: str = "logit", alpha: float = 0.05,
+                memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> MultiScaleFlow:
+    """Glow with rational-quadratic spline couplings and the logit preprocessing.
+
+    ``glow(transform="spline", preprocess="logit")``: per level a squeeze, ``K`` x (ActNorm,
+    LU 1x1 convolution, spline coupling) and a learned split prior; ``bins`` bins on
+    ``[-bound, bound]``; the other arguments as in ``glow``.
+    """
+    return glow(in_channels=in_channels, image_size=image_size, levels=levels, steps=steps,
+                hidden=hidden, lu=lu, split_prior=split_prior, memory=memory,
+                preprocess=preprocess, alpha=alpha, transform="spline", bins=bins, bound=bound)
 
 
 @register_model(input_size=(784,), paper="NICE (Dinh et al. 2014)")
@@ -330,6 +478,7 @@ def nice(dim: int = 784, num_layers: int = 4, hidden: int = 1000, depth: int = 5
     for i in range(num_layers):
         mask = CheckerboardMask(i % 2)
         n1 = len(range(mask.parity, dim, 2))
-        layers.append(_coupling(MLP(dim - n1, n1, hidden, depth), mask))
+        layers.append(_coupling(lambda k, n1=n1: MLP(dim - n1, k * n1, hidden, depth), mask,
+                                Additive()))
     layers.append(DiagonalScaling(dim))
     return VectorFlow(dim, layers, make_prior(prior), memory)

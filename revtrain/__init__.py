@@ -10,7 +10,8 @@ What is here (everything is imported on first use, so ``import revtrain`` is lig
   for any module; :class:`MemoryModeMixin`, the ``model.memory`` of every model in
   ``revtrain.models``; :func:`is_rebuilding` for hooks that must act once.
 * Invertible layers: :class:`Coupling`, written once around an element-wise transform
-  (:class:`Additive`, :class:`Affine`) and a split (:class:`ChannelSplit`), with the shortcuts
+  (:class:`Additive`, :class:`Affine`, :class:`VolumePreservingAffine` (GIN),
+  :class:`RationalQuadratic` (spline)) and a split (:class:`ChannelSplit`), with the shortcuts
   :class:`AdditiveCoupling` and :class:`AffineCoupling`; :class:`Squeeze`,
   :class:`InjectivePad`, :class:`ChannelPermute`, :class:`SwapHalves`.
 * Transformers: :class:`ReversibleTransformerBlock` (the two-stream Rev-ViT coupling of
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Additive": ".coupling", "AdditiveCoupling": ".coupling", "Affine": ".coupling",
     "AffineCoupling": ".coupling", "ChannelSplit": ".coupling", "Coupling": ".coupling",
+    "VolumePreservingAffine": ".coupling", "RationalQuadratic": ".splines",
     "ChannelPermute": ".layers", "InjectivePad": ".layers", "Squeeze": ".layers",
     "SwapHalves": ".layers",
     "ConditionalNet": ".conditioning", "ConditionedStack": ".conditioning",

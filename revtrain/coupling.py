@@ -11,8 +11,10 @@ so that the inverse needs only the sub-networks' forward passes:
 With ``g=None`` the second half passes through unchanged (:math:`y_2 = x_2`, the NICE /
 RealNVP half coupling).
 
-The element-wise transform :math:`T` is additive (:class:`Additive`, NICE, RevNet) or affine
-with a soft-clamped log-scale (:class:`Affine`, RealNVP, Glow).
+The element-wise transform :math:`T` is additive (:class:`Additive`, NICE, RevNet), affine
+with a soft-clamped log-scale (:class:`Affine`, RealNVP, Glow), volume-preserving affine
+(:class:`VolumePreservingAffine`, GIN) or a rational-quadratic spline
+(:class:`revtrain.splines.RationalQuadratic`, neural spline flows).
 
 References:
     Dinh et al., "NICE: Non-linear Independent Components Estimation", 2014.
@@ -34,6 +36,7 @@ from .base import InvertibleModule, takes_two_arguments, zero_log_det
 __all__ = [
     "Additive",
     "Affine",
+    "VolumePreservingAffine",
     "ChannelSplit",
     "Coupling",
     "AdditiveCoupling",
@@ -149,6 +152,33 @@ class Affine(_Transform):
         return f"Affine(clamp={self.clamp})"
 
 
+class VolumePreservingAffine(Affine):
+    r"""GIN's volume-preserving affine transform: :math:`y = x \odot e^{s} + t`, :math:`\sum s = 0`.
+
+    As :class:`Affine` (soft-clamped log-scale), then the mean of the log-scales over all the
+    transformed entries of each sample is subtracted, so that they sum to zero: every coupling
+    preserves volume and its log-det is exactly 0 (returned as ``None``, like
+    :class:`Additive`), while single entries are still scaled. A flow of such couplings has a
+    constant Jacobian determinant; GIN trains it with a Gaussian-mixture prior (Sorrenson et
+    al.), which any ``prior`` of the flow models can stand in for.
+
+    Reference: Sorrenson, Rother & Köthe, "Disentanglement by Nonlinear ICA with General
+    Incompressible-flow Networks (GIN)", ICLR 2020.
+    """
+
+    def _scale_shift(self, h: Tensor, dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        s, t = super()._scale_shift(h, dim, dtype)
+        dims = tuple(range(1, s.dim()))
+        return s - s.mean(dim=dims, keepdim=True), t
+
+    def forward(self, x: Tensor, h: Tensor, dim: int) -> tuple[Tensor, None]:
+        s, t = self._scale_shift(h, dim, x.dtype)
+        return x * torch.exp(s) + t, None
+
+    def __repr__(self) -> str:
+        return f"VolumePreservingAffine(clamp={self.clamp})"
+
+
 class Coupling(InvertibleModule):
     r"""A two-part coupling :math:`y_1 = T(x_1; f(x_2))`, :math:`y_2 = T(x_2; g(y_1))`.
 
@@ -159,7 +189,8 @@ class Coupling(InvertibleModule):
         g: sub-network from :math:`y_1` to the parameters of :math:`T` on :math:`x_2`, or
             ``None`` for a half coupling (:math:`y_2 = x_2`). ``g`` may be ``f`` itself (tied
             weights) when both halves have the same shape.
-        transform: the element-wise transform, :class:`Additive` or :class:`Affine` (any object
+        transform: the element-wise transform, :class:`Additive`, :class:`Affine`,
+            :class:`VolumePreservingAffine` or :class:`~revtrain.splines.RationalQuadratic` (any object
             with ``num_params``, ``forward(x, h, dim) -> (y, log_det or None)`` and
             ``inverse(y, h, dim)``).
         split: how to split and merge; default :class:`ChannelSplit` along dimension 1.
@@ -239,7 +270,7 @@ class Coupling(InvertibleModule):
         self.split.check(y, type(self).__name__)
         dim = self.split.dim
         y1, y2 = self.split.split(y)
-        if not torch.is_grad_enabled() and getattr(self.split, "views", False) and \
+        if not torch.is_grad_enabled() and _split_views(self.split, y) and \
                 _inverse_takes_out(type(self.transform)):
             return self._inverse_into_buffer(y, y1, y2, context)
         if self.g is None:
@@ -256,7 +287,7 @@ class Coupling(InvertibleModule):
         merge of the outputs. Returns ``False`` (and does nothing) when the split saves tensors
         of its own, so that the whole forward must be re-run.
         """
-        if not getattr(self.split, "views", False):
+        if not _split_views(self.split, x):
             return False
         dim = self.split.dim
         x1, x2 = self.split.split(x)
@@ -283,6 +314,13 @@ class Coupling(InvertibleModule):
 
     def extra_repr(self) -> str:
         return f"transform={self.transform!r}, split={self.split!r}"
+
+
+def _split_views(split, x: Tensor) -> bool:
+    """Whether ``split.split(x)`` returns views of ``x``: a split's ``views`` attribute, a bool
+    or a function of the input (a checkerboard mask: for vectors only)."""
+    views = getattr(split, "views", False)
+    return bool(views(x)) if callable(views) else bool(views)
 
 
 @cache

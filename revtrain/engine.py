@@ -358,13 +358,19 @@ class ReversibleCall:
         self.output_version = 0
         self.finite: Tensor | None = None  # deferred finiteness flag (CUDA)
         self._cleanup_queued = False
+        # generator states at the end of the previous layer, when nothing has run since: the
+        # start states of the next layer (one state taken per layer instead of two)
+        self._rng_after: RngState | None = None
 
     # ------------------------------------------------------------------ forward
 
     def run(self, layers: Sequence[nn.Module], x: Tensor, want_log_det: bool
             ) -> tuple[Tensor, Tensor | None]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            y, log_det = self.run_layers(layers, x, want_log_det)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                y, log_det = self.run_layers(layers, x, want_log_det)
+        finally:
+            self._rng_after = None  # not kept for backward
         self.output = y.detach()
         self.output_version = y._version
         return y, log_det
@@ -379,8 +385,10 @@ class ReversibleCall:
                 inline = _Recorder(INLINE, layer, self, None)
                 inline.provided = {"input": x}
                 first = len(self.leaves)
+                self._rng_after = None  # the nested stack's hooks may draw random numbers
                 with recording(inline):
                     y, ld = layer_forward(layer, x, self.context, want_log_det)
+                self._rng_after = None
                 last = self.leaves[-1] if len(self.leaves) > first else None
                 if last is not None and not _aliases(y, last.output_ref()):
                     raise RuntimeError(
@@ -402,7 +410,8 @@ class ReversibleCall:
         if self.tolerance is not None:
             leaf.fingerprint = Fingerprint(x)
         leaf.module_state.begin(layer)
-        start = RngState.take(self.devices)
+        start = self._rng_after if self._rng_after is not None else RngState.take(self.devices)
+        self._rng_after = None
         with recording(_Recorder(RECORD, layer, self, leaf)):
             out = call_layer(layer, x, self.context, want_log_det)
         leaf.passed_input = None
@@ -418,6 +427,7 @@ class ReversibleCall:
         leaf.output_ref = weakref.ref(y)
         leaf.module_state.finish()
         end = RngState.take(self.devices)
+        self._rng_after = end
         if not start.same_as(end):
             if self.preserve_rng_state:
                 self._keep_rng(leaf, x, start, end)

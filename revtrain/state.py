@@ -23,7 +23,7 @@ it. This module holds those pieces:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -125,8 +125,16 @@ class AutocastState:
         self.states = [(dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))
                        for dt in device_types]
 
+    def replay(self):
+        """A context that re-enters the forward's autocast state (a no-op when it is the
+        current state, as in backward after a forward without autocast)."""
+        if all(torch.is_autocast_enabled(dt) == enabled and torch.get_autocast_dtype(dt) == dtype
+               for dt, enabled, dtype in self.states):
+            return nullcontext()
+        return self._entered()
+
     @contextmanager
-    def replay(self) -> Iterator[None]:
+    def _entered(self) -> Iterator[None]:
         with ExitStack() as stack:
             for device_type, enabled, dtype in self.states:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))

@@ -106,6 +106,21 @@ def _other_configs() -> list[str]:
     return sorted(f for f in present - used - bases if "/" not in f)
 
 
+FLOW_CONFIGS = ("digits_realnvp.yaml", "digits_glow.yaml", "cifar10_realnvp.yaml",
+                "cifar10_glow.yaml")
+
+
+@pytest.mark.parametrize("config", FLOW_CONFIGS)
+def test_flow_configs_parse_write_into_run_folders_and_glow_uses_the_logit(config, capsys):
+    """No fixed checkpoint folder (runs are versioned); Glow configs use the logit transform."""
+    printed = _printed([config], capsys=capsys)
+    for callback in printed["trainer"].get("callbacks") or []:
+        assert (callback.get("init_args") or {}).get("dirpath") is None, callback
+    model = printed["model"]["init_args"]
+    if model["model_name"] in ("glow", "spline_glow"):
+        assert model["model_kwargs"]["preprocess"] == "logit"
+
+
 def test_every_config_file_is_used_and_configs_are_small():
     used = {f for files in EXPERIMENTS.values() for f in files}
     others = set(_other_configs())

@@ -113,6 +113,16 @@ MODELS = {
              lambda: _unit(1, 4)),
     "glow-plain-conv": (dict(name="glow", in_channels=2, image_size=4, levels=2, steps=1,
                              hidden=4, lu=False, split_prior=False), lambda: _unit(2, 4)),
+    "glow-logit": (dict(name="glow", in_channels=1, image_size=4, levels=2, steps=1, hidden=4,
+                        preprocess="logit"), lambda: _unit(1, 4)),
+    "nsf": (dict(name="nsf", dim=3, hidden=8, num_layers=3, bins=4), lambda: _vec(3)),
+    "gin": (dict(name="gin", dim=4, hidden=8, num_layers=3), lambda: _vec(4)),
+    "spline-realnvp-img": (dict(name="spline_realnvp", in_channels=1, image_size=4, levels=2,
+                                hidden=4, bins=3), lambda: _unit(1, 4)),
+    "spline-realnvp-vec": (dict(name="spline_realnvp", dim=3, hidden=8, num_layers=2, bins=3),
+                           lambda: _vec(3)),
+    "spline-glow": (dict(name="spline_glow", in_channels=1, image_size=4, levels=2, steps=2,
+                         hidden=4, bins=3), lambda: _unit(1, 4)),
 }
 
 
@@ -293,7 +303,8 @@ def test_extreme_subnetwork_outputs_stay_finite():
 
 
 def test_registry_lists_flow_models():
-    assert {"nice", "realnvp", "glow"} <= set(list_models())
+    assert {"nice", "realnvp", "glow", "nsf", "gin", "spline_realnvp", "spline_glow"} <= set(
+        list_models(task="density"))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -342,6 +353,54 @@ def test_model_sample_shapes_and_finite(name):
     # temperature 0 gives the image of z = 0: every sample is the same point
     s0 = model.sample(2, temperature=0.0)
     torch.testing.assert_close(s0[0], s0[1])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_log_prob_of_its_samples_works(name):
+    """Samples are valid data: images in [0, 1] (the logit's inverse clamps into the data range),
+    and ``log_prob`` of a sample is finite, for every flow model, trained or not."""
+    model, x = _model(name)
+    model.eval()
+    for temperature in (0.7, 1.0, 2.0):
+        s = model.sample(64, temperature=temperature)
+        if isinstance(model.preprocess if hasattr(model, "preprocess") else None, LogitTransform):
+            assert s.min() >= 0 and s.max() <= 1
+        assert torch.isfinite(model.log_prob(s)).all()
+
+
+def test_untrained_digits_realnvp_samples_have_a_log_prob():
+    """The case of issue 15: an untrained digits RealNVP's samples fell outside [0, 1] (37.5 %)
+    and ``log_prob`` raised; with the unclamped inverse the same check fails."""
+    torch.manual_seed(0)
+    model = create("realnvp", in_channels=1, image_size=8, levels=2, hidden=32).eval()
+    torch.manual_seed(1)
+    s = model.sample(64)
+    assert torch.isfinite(model.log_prob(s)).all()
+    assert ((s == 0) | (s == 1)).any()  # the clamp did act: this is not a vacuous check
+
+    class Unclamped(LogitTransform):
+        def inverse(self, y):
+            return (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)
+
+    model.preprocess = Unclamped(model.preprocess.alpha)
+    torch.manual_seed(1)
+    with pytest.raises(ValueError, match="expects data in"):
+        model.log_prob(model.sample(64))
+
+
+def test_glow_preprocess_and_transform_options():
+    logit = create("glow", in_channels=1, image_size=4, levels=1, steps=1, hidden=4,
+                   preprocess="logit")
+    assert isinstance(logit.preprocess, LogitTransform)
+    assert isinstance(create("glow", in_channels=1, image_size=4, levels=1, steps=1,
+                             hidden=4).preprocess, CenterShift)
+    spline = create("spline_glow", in_channels=1, image_size=4, levels=1, steps=1, hidden=4)
+    assert isinstance(spline.preprocess, LogitTransform)
+    assert "RationalQuadratic(bins=8" in repr(spline)
+    with pytest.raises(ValueError, match="unknown coupling transform 'splin'; use one of"):
+        create("realnvp", dim=2, transform="splin")
+    with pytest.raises(ValueError, match="preprocess must be 'logit' or 'center'"):
+        create("glow", preprocess="none")
 
 
 @pytest.mark.parametrize("name", ["glow", "realnvp-img", "nice"])

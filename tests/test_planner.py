@@ -67,6 +67,11 @@ SMALL = {
     "rev_vit_small": ({"img_size": 16, "patch_size": 4, "depth": 2, "pool": "cls"}, (3, 16, 16)),
     "rev_vit_base": ({"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 48}, (3, 16, 16)),
     "rev_vit_large": ({"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 64}, (3, 16, 16)),
+    "nsf": ({"dim": 4, "num_layers": 4, "hidden": 32}, (4,)),
+    "gin": ({"dim": 4, "num_layers": 4, "hidden": 32}, (4,)),
+    "spline_realnvp": ({"image_size": 16, "levels": 2, "hidden": 16, "bins": 4}, (3, 16, 16)),
+    "spline_glow": ({"image_size": 16, "levels": 2, "steps": 4, "hidden": 32, "bins": 4},
+                    (3, 16, 16)),
 }
 
 

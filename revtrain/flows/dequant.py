@@ -153,6 +153,13 @@ class LogitTransform(InvertibleModule):
     .. math::
         \log|\det J| = \sum_i \left[\log(1 - 2\alpha) - \log p_i - \log(1 - p_i)\right]
 
+    The inverse :math:`y = (\sigma(z) - \alpha) / (1 - 2\alpha)` maps :math:`\mathbb R` onto
+    :math:`(-\alpha / (1 - 2\alpha), 1 + \alpha / (1 - 2\alpha))`, wider than the data range;
+    it is clamped to :math:`[0, 1]`, so that samples of a model starting with this transform
+    are valid data and ``log_prob(sample())`` works. The clamp only moves latents beyond
+    :math:`\pm\mathrm{logit}(1 - \alpha)` (whose image the forward never produces for data in
+    :math:`[0, 1]`); for any :math:`z` the forward produces, the inverse is exact.
+
     Args:
         alpha: margin that keeps :math:`p` away from 0 and 1 (RealNVP: 0.05).
     """
@@ -177,7 +184,8 @@ class LogitTransform(InvertibleModule):
         return log_p - log_1mp, log_det
 
     def inverse(self, y: Tensor) -> Tensor:
-        return (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)
+        # clamped into the data range: samples land where forward (and log_prob) accepts them
+        return ((torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)).clamp(0.0, 1.0)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"

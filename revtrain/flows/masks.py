@@ -118,12 +118,20 @@ class CheckerboardMask:
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.pack(x, 1), self.pack(x, 2)
 
+    def views(self, x: Tensor) -> bool:
+        """Whether :meth:`split` returns views of ``x`` (vectors: strided slices), so that a
+        coupling may write both halves into one buffer and re-run only its transform."""
+        return x.dim() == 2
+
     def merge(self, x1: Tensor, x2: Tensor) -> Tensor:
         if x1.dim() == 2:
-            d = x1.shape[1] + x2.shape[1]
-            where = torch.cat([torch.arange(self.parity, d, 2, device=x1.device),
-                               torch.arange(1 - self.parity, d, 2, device=x1.device)])
-            return torch.cat([x1, x2], dim=1).index_select(1, where.argsort())  # (B, D)
+            # interleave the even and the odd entries; stack / pad / slice save nothing for
+            # backward and need no index tensor
+            even, odd = (x1, x2) if self.parity == 0 else (x2, x1)  # (B, ceil(D/2)), (B, D//2)
+            d = even.shape[1] + odd.shape[1]
+            if odd.shape[1] != even.shape[1]:
+                odd = torch.nn.functional.pad(odd, (0, 1))
+            return torch.stack([even, odd], dim=2).flatten(1)[:, :d]  # (B, D)
         return self.unpack(x1, 1) + self.unpack(x2, 2)
 
     def __repr__(self) -> str:
