@@ -11,7 +11,8 @@ What is here (everything is imported on first use, so ``import revtrain`` is lig
   ``revtrain.models``; :func:`is_rebuilding` for hooks that must act once.
 * Invertible layers: :class:`Coupling`, written once around an element-wise transform
   (:class:`Additive`, :class:`Affine`, :class:`VolumePreservingAffine` (GIN),
-  :class:`RationalQuadratic` (spline)) and a split (:class:`ChannelSplit`), with the shortcuts
+  :class:`RationalQuadratic` (spline); the protocol :class:`ElementwiseTransform`) and a split
+  (:class:`ChannelSplit`; the protocol :class:`Split`), with the shortcuts
   :class:`AdditiveCoupling` and :class:`AffineCoupling`; :class:`Squeeze`,
   :class:`InjectivePad`, :class:`ChannelPermute`, :class:`SwapHalves`.
 * Transformers: :class:`ReversibleTransformerBlock` (the two-stream Rev-ViT coupling of
@@ -35,6 +36,7 @@ _EXPORTS = {
     "Additive": ".coupling", "AdditiveCoupling": ".coupling", "Affine": ".coupling",
     "AffineCoupling": ".coupling", "ChannelSplit": ".coupling", "Coupling": ".coupling",
     "VolumePreservingAffine": ".coupling", "RationalQuadratic": ".splines",
+    "ElementwiseTransform": ".coupling", "Split": ".coupling",
     "ChannelPermute": ".layers", "InjectivePad": ".layers", "Squeeze": ".layers",
     "SwapHalves": ".layers",
     "ConditionalNet": ".conditioning", "ConditionedStack": ".conditioning",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from functools import cache
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,8 @@ from torch import Tensor, nn
 from .base import InvertibleModule, takes_two_arguments, zero_log_det
 
 __all__ = [
+    "ElementwiseTransform",
+    "Split",
     "Additive",
     "Affine",
     "VolumePreservingAffine",
@@ -42,6 +45,38 @@ __all__ = [
     "AdditiveCoupling",
     "AffineCoupling",
 ]
+
+
+@runtime_checkable
+class Split(Protocol):
+    """How a :class:`Coupling` splits its input into two parts and merges them back.
+
+    Implemented by :class:`ChannelSplit` and by the masks of :mod:`revtrain.flows`
+    (``ChannelMask``, ``CheckerboardMask``). ``views``: ``split`` returns views of its input (an
+    inverse may then write both parts into one buffer)."""
+
+    def check(self, x: Tensor, owner: str) -> None: ...
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def merge(self, x1: Tensor, x2: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class ElementwiseTransform(Protocol):
+    """The element-wise transform :math:`T` of a :class:`Coupling`.
+
+    ``num_params`` values of the sub-network per transformed element (stacked along the split
+    dimension); ``forward(x, h, dim) -> (y, log_det or None)`` with a log-det of shape
+    ``(batch,)``; ``inverse(y, h, dim, out=None) -> x`` (``out``: a tensor to write ``x`` into,
+    optional). Implemented by :class:`Additive`, :class:`Affine`, :class:`VolumePreservingAffine`
+    and :class:`~revtrain.splines.RationalQuadratic`."""
+
+    num_params: int
+
+    def forward(self, x: Tensor, h: Tensor, dim: int) -> tuple[Tensor, Tensor | None]: ...
+
+    def inverse(self, y: Tensor, h: Tensor, dim: int) -> Tensor: ...
 
 
 class ChannelSplit:
@@ -205,8 +240,8 @@ class Coupling(InvertibleModule):
         self,
         f: nn.Module,
         g: nn.Module | None = None,
-        transform: Additive | Affine | None = None,
-        split: ChannelSplit | None = None,
+        transform: ElementwiseTransform | None = None,
+        split: Split | None = None,
     ):
         super().__init__()
         if not isinstance(f, nn.Module):

@@ -621,3 +621,15 @@ def test_after_a_failed_backward_the_next_step_is_correct():
     model.zero_grad()
     assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert_steps_equal(run_step(model, x), run_step(twin(model, "stored"), x))
+
+
+def test_built_in_splits_and_transforms_satisfy_the_typed_protocols():
+    from revtrain.flows import ChannelMask, CheckerboardMask
+
+    for split in (revtrain.ChannelSplit(2), ChannelMask(), CheckerboardMask(1)):
+        assert isinstance(split, revtrain.Split), split
+    for transform in (revtrain.Additive(), revtrain.Affine(2.0), revtrain.VolumePreservingAffine(),
+                      revtrain.RationalQuadratic()):
+        assert isinstance(transform, revtrain.ElementwiseTransform), transform
+    assert not isinstance(object(), revtrain.Split)  # the check can fail
+    assert not isinstance(revtrain.ChannelSplit(1), revtrain.ElementwiseTransform)
