@@ -55,7 +55,7 @@ def make_stack(depth: int, memory: str):
 
 @pytest.mark.slow
 def test_rss_cross_check_agrees_on_the_ordering():
-    rss = {m: subprocess_peak_rss("test_memory:make_stack", {"depth": 24, "memory": m}, steps=3)
+    rss = {m: subprocess_peak_rss("test_memory:make_stack", {"depth": 48, "memory": m}, steps=3)
            for m in ("reversible", "stored")}
     assert rss["stored"]["steady_delta_bytes"] > 2 * rss["reversible"]["steady_delta_bytes"], rss
 
