@@ -1,0 +1,120 @@
+"""``benchmarks/hybrid.py``: the joint loss on a tiny flow (gradient routes, lambda = 0,
+reversible = stored), the labelled split, a ``--quick`` smoke run."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from revtrain.flows import UniformDequantization
+from revtrain.models import create
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT))
+    try:
+        yield importlib.import_module("benchmarks.hybrid")
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+def _tiny(memory: str = "reversible", seed: int = 0):
+    torch.manual_seed(seed)
+    flow = create("realnvp", in_channels=1, image_size=8, levels=2, hidden=4, memory=memory)
+    return flow, nn.Linear(flow.num_dims, 10)
+
+
+def _batch(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 17, (6, 1, 8, 8), generator=gen)
+    torch.manual_seed(seed)
+    y, log_q = UniformDequantization(17)(x)
+    return y, log_q, torch.arange(6) % 10
+
+
+def _grads(hybrid, flow, head, lam):
+    y, log_q, labels = _batch()
+    flow.zero_grad(set_to_none=True)
+    head.zero_grad(set_to_none=True)
+    loss, parts = hybrid.joint_loss(flow, head, y, log_q, labels, lam)
+    loss.backward()
+    return ([p.grad.clone() for p in flow.parameters()],
+            [p.grad.clone() for p in head.parameters()], loss.item(), parts)
+
+
+def test_gradients_reach_flow_and_head(hybrid):
+    flow, head = _tiny()
+    g_flow, g_head, loss, parts = _grads(hybrid, flow, head, 1.0)
+    assert torch.isfinite(torch.tensor(loss))
+    assert any(g.abs().sum() > 0 for g in g_flow)
+    assert all(g.abs().sum() > 0 for g in g_head)
+    assert 0 <= parts["correct"] <= 6 and parts["bpd"] > 0
+
+
+def test_lambda_zero_is_the_classifier_alone(hybrid):
+    flow, head = _tiny()
+    g0_flow, g0_head, loss0, parts = _grads(hybrid, flow, head, 0.0)
+    assert loss0 == pytest.approx(parts["ce"], rel=1e-6)  # no likelihood term in the loss
+    # the flow's gradient at lambda = 0 is exactly the classifier's, computed by hand
+    y, _, labels = _batch()
+    flow.zero_grad(set_to_none=True)
+    z, _ = flow.forward_and_log_det(y)
+    torch.nn.functional.cross_entropy(head(z), labels).backward()
+    for a, p in zip(g0_flow, flow.parameters()):
+        torch.testing.assert_close(a, p.grad)
+    # lambda > 0 adds a likelihood gradient to the flow only: the head's gradient is unchanged
+    g1_flow, g1_head, _, _ = _grads(hybrid, flow, head, 1.0)
+    assert any(not torch.allclose(a, b) for a, b in zip(g0_flow, g1_flow))
+    for a, b in zip(g0_head, g1_head):
+        torch.testing.assert_close(a, b)
+
+
+def test_pure_flow_probe_sends_no_classifier_gradient_into_flow(hybrid):
+    flow, head = _tiny()
+    g_flow, g_head, _, _ = _grads(hybrid, flow, head, None)
+    y, log_q, _ = _batch()
+    flow.zero_grad(set_to_none=True)
+    (-(flow.log_prob(y) - log_q) / 64).mean().backward()
+    for a, p in zip(g_flow, flow.parameters()):
+        torch.testing.assert_close(a, p.grad)
+    assert all(g.abs().sum() > 0 for g in g_head)
+
+
+def test_reversible_matches_stored(hybrid):
+    rev, head = _tiny("reversible")
+    sto, head_s = _tiny("stored")
+    sto.load_state_dict(rev.state_dict())
+    head_s.load_state_dict(head.state_dict())
+    g_rev, h_rev, loss_rev, _ = _grads(hybrid, rev, head, 0.5)
+    g_sto, h_sto, loss_sto, _ = _grads(hybrid, sto, head_s, 0.5)
+    assert loss_rev == pytest.approx(loss_sto, rel=1e-5)
+    for a, b in zip(g_rev + h_rev, g_sto + h_sto):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_labelled_split_matches_flows_split(hybrid):
+    train_x, train_y, test_x, test_y = hybrid.load_digits_labelled()
+    assert train_x.shape == (1500, 1, 8, 8) and test_x.shape == (297, 1, 8, 8)
+    assert train_y.shape == (1500,) and test_y.shape == (297,)
+    assert set(train_y.tolist()) == set(range(10))
+
+
+def test_quick_smoke_run(hybrid, tmp_path):
+    out = tmp_path / "hybrid.json"
+    report = hybrid.main(["--quick", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["runs"][0]["lam"] is None and saved["runs"][1]["lam"] == 0.0
+    for row in report["runs"]:
+        assert 0.0 <= row["test_accuracy"] <= 100.0 and row["test_bpd"] > 0
+        assert row["memory"] == "reversible" and row["epochs"] == 1
+    assert "torch" in saved["environment"] and "load_average_at_start" in saved["environment"]
