@@ -4,14 +4,21 @@
   ``device`` fixture, so that the GPU check is this same suite run with ``--device cuda``.
 * ``--dtype float64|float32`` (default ``float64``): the dtype of the tests that take the
   ``dtype`` fixture (the gradient comparisons are exact to 1e-10 in float64).
+* ``benchmarks_path``: the repository root on ``sys.path`` for a test module, so that it can
+  import ``benchmarks.<name>`` (the benchmark scripts are not installed).
 * ``one_thread``: one intra-op thread for the test (the models here are tiny, and on a shared
   2-core machine more threads only spin), restored afterwards.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -26,6 +33,16 @@ def pytest_configure(config: pytest.Config) -> None:
     device = torch.device(config.getoption("--device"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError(f"--device {device}: this machine has no CUDA device")
+
+
+@pytest.fixture(scope="module")
+def benchmarks_path():
+    """The repository root on ``sys.path`` while a test module runs (``import benchmarks.x``)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        yield ROOT
+    finally:
+        sys.path.remove(str(ROOT))
 
 
 @pytest.fixture

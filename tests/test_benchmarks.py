@@ -19,9 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench():
+def bench(benchmarks_path):
     """The ``benchmarks`` modules, imported from the repository root."""
-    sys.path.insert(0, str(ROOT))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread is faster on a shared machine
     try:
@@ -29,7 +28,6 @@ def bench():
                for name in ("common", "engine", "run", "tables", "whole_models")}
     finally:
         torch.set_num_threads(threads)
-        sys.path.remove(str(ROOT))
 
 
 def test_resize_aware_tracker_equals_measure_step_when_nothing_is_resized(bench):

@@ -4,22 +4,14 @@ FrEIA twin of revtrain's cINN (same function before training)."""
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def ik():
-    sys.path.insert(0, str(ROOT))
-    try:
-        yield importlib.import_module("benchmarks.ik")
-    finally:
-        sys.path.remove(str(ROOT))
+def ik(benchmarks_path):
+    return importlib.import_module("benchmarks.ik")
 
 
 def test_unbiased_mmd_is_near_zero_for_one_distribution_and_not_for_two(ik):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +13,11 @@ from torch import nn
 from revtrain.flows import UniformDequantization
 from revtrain.models import create
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def hybrid():
+def hybrid(benchmarks_path):
     pytest.importorskip("sklearn")
-    sys.path.insert(0, str(ROOT))
-    try:
-        yield importlib.import_module("benchmarks.hybrid")
-    finally:
-        sys.path.remove(str(ROOT))
+    return importlib.import_module("benchmarks.hybrid")
 
 
 def _tiny(memory: str = "reversible", seed: int = 0):

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def ood():
+def ood(benchmarks_path):
     pytest.importorskip("sklearn")
-    sys.path.insert(0, str(ROOT))
-    try:
-        yield importlib.import_module("benchmarks.ood")
-    finally:
-        sys.path.remove(str(ROOT))
+    return importlib.import_module("benchmarks.ood")
 
 
 def test_auroc_known_answers(ood):
