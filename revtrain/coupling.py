@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Generator
 from functools import cache
 from typing import Protocol, runtime_checkable
 
@@ -302,18 +303,47 @@ class Coupling(InvertibleModule):
         return self.split.merge(y1, y2), log_det
 
     def inverse(self, y: Tensor, context=None) -> Tensor:
+        steps = self.inverse_steps(y, context)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def inverse_steps(self, y: Tensor, context=None, *, overwrite: bool = False
+                      ) -> Generator[str, bool | None, Tensor]:
+        """:meth:`inverse` one sub-network at a time: a generator that yields the name of each
+        sub-network (``"g"``, then ``"f"``) once it has been evaluated, and returns ``x``.
+
+        The reversible engine drives it lazily in backward, so that a sub-network is evaluated
+        only when autograd first needs what it saved (``f``'s saved tensors are not alive during
+        ``g``'s backward). A subclass that overrides :meth:`inverse` is rebuilt with its own
+        :meth:`inverse` in one go instead.
+
+        ``overwrite=True`` (the engine, for a ``y`` that it rebuilt itself and that nobody else
+        holds; :class:`Additive` only): ``x`` is written into ``y``'s memory, ``x_2`` over
+        ``y_2`` at once and ``x_1`` over ``y_1`` if the engine sends ``True`` at the ``"g"``
+        step (what ``g`` saved has been used), else into a new buffer.
+        """
         self.split.check(y, type(self).__name__)
         dim = self.split.dim
         y1, y2 = self.split.split(y)
-        if not torch.is_grad_enabled() and _split_views(self.split, y) and \
-                _inverse_takes_out(type(self.transform)):
-            return self._inverse_into_buffer(y, y1, y2, context)
+        if self.rebuilds_into_buffer(y):
+            return (yield from self._inverse_into_buffer(y, y1, y2, context, overwrite))
         if self.g is None:
             x2 = y2
         else:
             x2 = self.transform.inverse(y2, self._params("g", self.g, y1, y2, context), dim)
+            yield "g"
         x1 = self.transform.inverse(y1, self._params("f", self.f, x2, y1, context), dim)
+        yield "f"
         return self.split.merge(x1, x2)
+
+    def rebuilds_into_buffer(self, y: Tensor) -> bool:
+        """Whether :meth:`inverse` of ``y`` writes both halves into one new tensor (without grad,
+        a split into views, a transform whose ``inverse`` takes ``out=``)."""
+        return (not torch.is_grad_enabled() and _split_views(self.split, y)
+                and _inverse_takes_out(type(self.transform)))
 
     def replay_elementwise(self, x: Tensor, outputs: dict[str, Tensor]) -> bool:
         """Re-run the element-wise transforms of a forward pass, given the sub-networks' outputs.
@@ -331,20 +361,35 @@ class Coupling(InvertibleModule):
             self.transform.forward(x2, outputs.pop("g"), dim)
         return True
 
-    def _inverse_into_buffer(self, y, y1, y2, context) -> Tensor:
-        # both halves written into one new tensor: no merge copy, no second copy of x2 (the
-        # rebuild in backward keeps x2 for f's backward and x for the layer before)
+    def _inverse_into_buffer(self, y, y1, y2, context, overwrite: bool = False
+                             ) -> Generator[str, bool | None, Tensor]:
+        # both halves written into one tensor: no merge copy, no second copy of x2 (the rebuild
+        # in backward keeps x2 for f's backward and x for the layer before). Writes go through
+        # .data where a view of the same memory may already be saved (its version must not change)
         dim = self.split.dim
-        x = torch.empty_like(y)
-        x1, x2 = self.split.split(x)
-        if self.g is None:
-            x2.copy_(y2)
+        if overwrite:
+            if self.g is None:
+                x = y  # x2 = y2 already; nothing of this coupling saved y1
+            else:
+                x2_in_y = self.split.split(y.data)[1]  # nothing saved y2; g saved y1 (a view of y)
+                self.transform.inverse(y2, self._params("g", self.g, y1, y2, context), dim,
+                                       out=x2_in_y)
+                if (yield "g"):
+                    x = y  # what g saved of y1 has been used: x1 may go over it
+                else:
+                    x = torch.empty_like(y)
+                    self.split.split(x)[1].copy_(x2_in_y)
         else:
-            self.transform.inverse(y2, self._params("g", self.g, y1, y2, context), dim, out=x2)
-        h = self._params("f", self.f, x2, y1, context)
-        # x1 is written through .data: x2 (a view of the same tensor) may already be saved by f,
-        # and its version must not change
+            x = torch.empty_like(y)
+            x1, x2 = self.split.split(x)
+            if self.g is None:
+                x2.copy_(y2)
+            else:
+                self.transform.inverse(y2, self._params("g", self.g, y1, y2, context), dim, out=x2)
+                yield "g"
+        h = self._params("f", self.f, self.split.split(x)[1], y1, context)
         self.transform.inverse(y1, h, dim, out=self.split.split(x.data)[0])
+        yield "f"
         return x
 
     def extra_repr(self) -> str:

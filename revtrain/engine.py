@@ -37,15 +37,18 @@ in-place changes of anything the rebuild reads.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
+from functools import cache
 
 import torch
 from torch import Tensor, nn
 
 from .base import InvertibleModule, ReconstructionError, _local, accepts_context
+from .coupling import Additive, Coupling
 from .state import AutocastState, ModuleState, RngState, cuda_devices_of, rebuilding
 
 __all__ = ["ReversibleCall", "call_layer", "layer_forward", "layer_inverse", "Fingerprint", "flatten_context",
@@ -179,7 +182,7 @@ class _Leaf:
 
     __slots__ = ("layer", "index", "frames", "subnets", "input_ref", "input_version", "input_flag",
                  "held_input", "rng", "module_state", "fingerprint", "want_log_det", "captured",
-                 "rebuilt", "passed_input", "result", "output_ref")
+                 "rebuilt", "passed_input", "result", "output_ref", "pending", "owns_rebuilt")
 
     def __init__(self, layer: nn.Module, index: int, x: Tensor, want_log_det: bool):
         self.layer, self.index, self.want_log_det = layer, index, want_log_det
@@ -197,6 +200,11 @@ class _Leaf:
         self.rebuilt: Tensor | None = None
         self.passed_input: Tensor | None = x
         self.result = None
+        # a rebuild in progress, one sub-network at a time: (inverse_steps generator, recorder,
+        # {frame: positions already handed out as alive tensors})
+        self.pending: tuple | None = None
+        # ``rebuilt`` is a buffer the engine made and nobody else holds (a staged coupling's)
+        self.owns_rebuilt = False
 
 
 # recorder modes
@@ -486,12 +494,18 @@ class ReversibleCall:
             if t._version != saved.version:
                 raise _modified_error(f"a tensor saved by {_describe(index, leaf.layer)}")
             if leaf.captured is not None:
-                leaf.captured[key][pos] = _GONE
+                if key in leaf.captured:
+                    leaf.captured[key][pos] = _GONE
+                elif leaf.pending is not None:  # not evaluated yet: dropped when it is
+                    leaf.pending[2].setdefault(key, set()).add(pos)
             return t
         captured = leaf.captured
-        if captured is None or captured[key][pos] is _GONE:
+        if captured is None or (captured[key][pos] is _GONE if key in captured
+                                else leaf.pending is None):
             self._rebuild(index)
             captured = leaf.captured
+        if key not in captured:  # a staged rebuild: evaluate the sub-networks up to this one
+            self._advance(leaf, key)
         t = captured[key][pos]
         captured[key][pos] = _GONE
         return t
@@ -517,7 +531,8 @@ class ReversibleCall:
         k = index
         while self._forward_input(self.leaves[k]) is None and k + 1 < n:
             nxt = self.leaves[k + 1]
-            if nxt.rebuilt is not None or self._forward_input(nxt) is not None:
+            if nxt.rebuilt is not None or nxt.pending is not None or \
+                    self._forward_input(nxt) is not None:
                 break
             k += 1
             chain.append(k)
@@ -525,7 +540,9 @@ class ReversibleCall:
             self._rebuild_leaf(self.leaves[k])
         self._queue_cleanup()
 
-    def _output_of(self, leaf: _Leaf) -> Tensor:
+    def _output_of(self, leaf: _Leaf) -> tuple[Tensor, bool]:
+        """The output of ``leaf`` for its rebuild, and whether the engine owns it (a buffer it
+        rebuilt that nobody else holds, which the rebuild may overwrite)."""
         index = leaf.index
         if index == len(self.leaves) - 1:
             if self.output._version != self.output_version:
@@ -537,12 +554,15 @@ class ReversibleCall:
                 raise ReconstructionError(
                     "ReversibleSequential: the output contains NaN or Inf; a non-finite activation "
                     "cannot be rebuilt in backward (check the input and the weights)")
-            return self.output
+            return self.output, False
         nxt = self.leaves[index + 1]
         x = self._forward_input(nxt)
         if x is None:
+            if nxt.pending is not None:  # finish its staged rebuild: its input is needed now
+                self._advance(nxt, None)
             x, nxt.rebuilt = nxt.rebuilt, None
-        return x
+            return x, nxt.owns_rebuilt
+        return x, False
 
     def _rebuild_leaf(self, leaf: _Leaf) -> None:
         where = _describe(leaf.index, leaf.layer)
@@ -553,12 +573,28 @@ class ReversibleCall:
                     f"{where}: the context was changed in place between forward and backward; "
                     "pass a copy (context.clone()) if you need to modify it")
         x = self._forward_input(leaf)
+        owned = False
         if x is None:
-            y = self._output_of(leaf)
+            y, owned = self._output_of(leaf)
         else:  # rebuilt from its input: the output rebuilt for it is not needed any more
             y = None
             if leaf.index + 1 < len(self.leaves):
                 self.leaves[leaf.index + 1].rebuilt = None
+        leaf.pending, leaf.owns_rebuilt = None, False
+        if x is None and _staged(leaf):
+            # one sub-network at a time, each when autograd first unpacks what it saved
+            layer = leaf.layer
+            recorder = _Recorder(INVERT, layer, self, leaf)
+            y = y.detach()
+            with torch.no_grad():
+                into_buffer = layer.rebuilds_into_buffer(y)
+            kwargs = {}
+            if owned and into_buffer and isinstance(layer.transform, Additive) and \
+                    _takes_overwrite(type(layer)):
+                kwargs["overwrite"] = True  # x into y's memory: one activation less
+            leaf.pending = (layer.inverse_steps(y, self.context, **kwargs), recorder, {})
+            leaf.captured, leaf.rebuilt, leaf.owns_rebuilt = {}, None, into_buffer
+            return
         with rebuilding(), self.autocast.replay(), leaf.module_state.replay(), torch.no_grad():
             if x is not None:
                 frames, rebuilt = self._recompute(leaf, x), None
@@ -566,7 +602,46 @@ class ReversibleCall:
                 frames, rebuilt = self._invert(leaf, y)
         leaf.captured = self._validated(leaf, frames, where)
         leaf.rebuilt = rebuilt
-        if rebuilt is not None and leaf.fingerprint is not None:
+        if rebuilt is not None:
+            self._check_fingerprint(leaf, rebuilt, where)
+
+    def _advance(self, leaf: _Leaf, until: str | None) -> None:
+        """Drive a staged rebuild of ``leaf`` until sub-network ``until`` has been evaluated (to
+        the end with ``None``, or when ``until`` is not one of its sub-networks)."""
+        steps, recorder, _ = leaf.pending
+        where = _describe(leaf.index, leaf.layer)
+        x = None
+        with rebuilding(), self.autocast.replay(), leaf.module_state.replay(), torch.no_grad(), \
+                self._hooks(), recording(recorder):
+            try:
+                while until is None or until not in leaf.captured:
+                    # sent: whether everything captured so far has been used (a coupling
+                    # rebuilding in place may then overwrite what it saved)
+                    name = steps.send(all(t is _GONE for frame in leaf.captured.values()
+                                          for t in frame) if leaf.captured else None)
+                    leaf.captured.update(self._validated(leaf, recorder.frames, where, [name]))
+                    recorder.frames.pop(name, None)  # held by ``captured`` only, until unpacked
+                    for pos in leaf.pending[2].pop(name, ()):  # alive, handed out already
+                        leaf.captured[name][pos] = _GONE
+            except StopIteration as done:
+                x = done.value
+                if x is None:
+                    raise TypeError(f"{where}: inverse_steps must return a tensor") from None
+        if x is None:
+            return
+        leaf.pending = None
+        if recorder.provided.keys() != leaf.subnets.keys():
+            raise ReconstructionError(
+                f"{where}: forward evaluated the sub-networks {sorted(leaf.subnets)} but inverse "
+                f"{sorted(recorder.provided)}")
+        rest = [k for k in leaf.frames if k not in leaf.captured]
+        leaf.captured.update(self._validated(leaf, recorder.frames, where, rest))
+        self._check_extra_frames(leaf, recorder.frames, where)
+        leaf.rebuilt = x
+        self._check_fingerprint(leaf, x, where)
+
+    def _check_fingerprint(self, leaf: _Leaf, rebuilt: Tensor, where: str) -> None:
+        if leaf.fingerprint is not None:
             error = leaf.fingerprint.mismatch(rebuilt, self.tolerance)
             if error is not None:
                 raise ReconstructionError(
@@ -605,9 +680,14 @@ class ReversibleCall:
                     layer_forward(leaf.layer, x_in, self.context, leaf.want_log_det)
         return recorder.frames, x
 
-    def _validated(self, leaf: _Leaf, frames: dict, where: str) -> dict[str, list]:
+    def _validated(self, leaf: _Leaf, frames: dict, where: str,
+                   keys: Sequence[str] | None = None) -> dict[str, list]:
         captured = {}
-        for key, records in leaf.frames.items():
+        for key in leaf.frames if keys is None else keys:
+            records = leaf.frames.get(key)
+            if records is None:
+                raise ReconstructionError(f"{where}: sub-network {key!r} saved tensors when "
+                                          "rebuilt but was not evaluated in forward")
             got = frames.get(key, [])
             label = f"sub-network {key!r}" if key else "its own operations"
             if len(got) != len(records):
@@ -626,11 +706,16 @@ class ReversibleCall:
                     raise _modified_error(f"a tensor saved by {where}")
                 tensors.append(t)
             captured[key] = tensors
+        if keys is None:
+            self._check_extra_frames(leaf, frames, where)
+        return captured
+
+    @staticmethod
+    def _check_extra_frames(leaf: _Leaf, frames: dict, where: str) -> None:
         extra = [k for k, v in frames.items() if v and k not in leaf.frames]
         if extra:
             raise ReconstructionError(f"{where}: sub-network {extra[0]!r} saved tensors when rebuilt "
                                       "but was not evaluated in forward")
-        return captured
 
     def _queue_cleanup(self) -> None:
         if self._cleanup_queued:
@@ -646,6 +731,7 @@ class ReversibleCall:
         for leaf in self.leaves:
             leaf.captured = None
             leaf.rebuilt = None
+            leaf.pending = None
 
     # ------------------------------------------------------------------ accounting
 
@@ -657,6 +743,23 @@ class ReversibleCall:
             states = {id(s): s for s in [leaf.rng, *(r.rng for r in leaf.subnets.values())] if s}
             total += sum(s.nbytes for s in states.values()) + leaf.module_state.nbytes
         return total
+
+
+@cache
+def _takes_overwrite(cls: type) -> bool:
+    try:
+        return "overwrite" in inspect.signature(cls.inverse_steps).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _staged(leaf: _Leaf) -> bool:
+    """Whether ``leaf`` can be rebuilt one sub-network at a time: a coupling with the default
+    :meth:`~revtrain.Coupling.inverse` (so :meth:`~revtrain.Coupling.inverse_steps` is what it
+    does) whose element-wise operations saved nothing (no re-run of them needs every output)."""
+    layer = leaf.layer
+    return (isinstance(layer, Coupling) and type(layer).inverse is Coupling.inverse
+            and bool(leaf.subnets) and not leaf.frames[""])
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:

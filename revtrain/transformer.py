@@ -181,9 +181,9 @@ class ReversibleTransformerBlock(Coupling):
         self._check(x, context)
         return super().forward_and_log_det(x, context)
 
-    def inverse(self, y: Tensor, context=None) -> Tensor:
+    def inverse_steps(self, y: Tensor, context=None, *, overwrite: bool = False):
         self._check(y, context)
-        return super().inverse(y, context)
+        return (yield from super().inverse_steps(y, context, overwrite=overwrite))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"
