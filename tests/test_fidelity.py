@@ -5,10 +5,12 @@ the new layers and models are in ``tests/test_flows.py`` (``LAYERS`` / ``MODELS`
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 from test_flows import _prepare, _slogdet_check
@@ -199,3 +201,112 @@ def test_realnvp_paper_config_builds_that_model():
     model = yaml.safe_load((CONFIGS / "cifar10_realnvp.yaml").read_text())["model"]["init_args"]
     assert model["model_name"] == "realnvp"
     assert {k: model["model_kwargs"][k] for k in REALNVP_PAPER} == REALNVP_PAPER
+
+
+# ---------------------------------------------------------------------------- Polyak averaging
+
+
+class _Recorder(pl.Callback):
+    """Weights after every optimizer step, and the weights validation runs with (placed after
+    the averaging callback, it sees them swapped in)."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+        self.validated: list[dict[str, torch.Tensor]] = []
+
+    @staticmethod
+    def _params(module):
+        return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(self._params(pl_module))
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.validated.append(self._params(pl_module))
+
+
+def _ema(steps: list[dict[str, torch.Tensor]], decay: float) -> dict[str, torch.Tensor]:
+    """torch's EMA: the first update copies, then w <- decay w + (1 - decay) w_t."""
+    avg = dict(steps[0])
+    for w in steps[1:]:
+        avg = {n: decay * avg[n] + (1 - decay) * w[n] for n in avg}
+    return avg
+
+
+def _fit_with_ema(decay: float, **module_kwargs):
+    from pytorch_lightning.callbacks import EMAWeightAveraging
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from revtrain.lightning import FlowModule
+
+    pl.seed_everything(0, verbose=False)
+    module = FlowModule("glow", dict(in_channels=1, image_size=4, levels=2, steps=2, hidden=4,
+                                     learn_top=True, scale="sigmoid"), memory="reversible",
+                        sample_every_n_epochs=0,
+                        optimizer=lambda params: torch.optim.Adamax(params, lr=1e-2),
+                        **module_kwargs)
+    levels = module_kwargs.get("num_bins") or 256  # without num_bins: 256, from setup
+    x = torch.randint(0, levels, (24, 1, 4, 4), generator=_gen(3)).float() / (levels - 1)
+    loader = DataLoader(TensorDataset(x), batch_size=6)
+    ema, recorder = EMAWeightAveraging(decay=decay, use_buffers=False), _Recorder()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=1)
+    trainer.callbacks[:0] = [ema, recorder]  # averaging first: the recorder sees its swap
+    trainer.fit(module, loader, DataLoader(TensorDataset(x[:6]), batch_size=6))
+    return module, ema, recorder
+
+
+def test_polyak_averaging_evaluates_the_averaged_weights():
+    """Lightning's EMAWeightAveraging on a reversible flow: validation runs with the EMA of the
+    weights after each step (openai/glow's Polyak averaging), training resumes with the raw
+    weights, and the fitted module ends with the average. The raw weights differ from it, so
+    a run that evaluated them would fail the same check."""
+    decay = 0.5
+    module, ema, rec = _fit_with_ema(decay, num_bins=17)
+    assert len(rec.steps) == 4 and len(rec.validated) == 1
+    expected = _ema(rec.steps, decay)
+    for name, value in rec.validated[0].items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    final = dict(module.named_parameters())
+    for name, value in expected.items():
+        torch.testing.assert_close(final[name].detach(), value, rtol=1e-5, atol=1e-6, msg=name)
+    raw = rec.steps[-1]
+    assert max(float((raw[n] - expected[n]).abs().max()) for n in raw) > 1e-3
+    # the averaged copy is a deepcopy of the module: same memory mode, same results
+    averaged = ema._average_model.module
+    assert averaged.net.memory.value == "reversible" == module.net.memory.value
+    assert all(s.memory.value == "reversible" for s in averaged.net.levels)
+    assert all(bool(b) for n, b in averaged.net.named_buffers() if n.endswith("initialized"))
+    x = torch.rand(3, 1, 4, 4, generator=_gen(5)).double()
+    a, m = averaged.net.double().eval(), module.net.double().eval()
+    torch.testing.assert_close(a.log_prob(x), m.log_prob(x))
+
+
+def test_polyak_averaging_covers_a_dequantizer_built_in_setup(monkeypatch):
+    """With num_bins from the data (built in setup, after the callback copied the module), the
+    variational dequantizer's parameters are averaged and swapped too, aligned by name. Without
+    FlowModule's refresh of the callback the copy lacks them and the swap mixes up tensors."""
+    from revtrain.lightning import FlowModule
+
+    module, ema, rec = _fit_with_ema(0.5, dequantization="variational")
+    names = [n for n, _ in ema._average_model.module.named_parameters()]
+    assert names == [n for n, _ in module.named_parameters()]
+    assert any(n.startswith("dequantize.") for n in names)
+    expected = _ema(rec.steps, 0.5)
+    for name, value in rec.validated[0].items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    monkeypatch.setattr(FlowModule, "_refresh_weight_averages", lambda self, stage: None)
+    with pytest.raises(RuntimeError, match="shape"):
+        _fit_with_ema(0.5, dequantization="variational")
+
+
+def test_a_flow_module_deepcopies_with_its_memory_mode():
+    from revtrain.lightning import FlowModule
+
+    module = FlowModule("realnvp", dict(in_channels=1, image_size=4, levels=2, hidden=4,
+                                        coupling_net="resnet", num_blocks=1), memory="reversible")
+    twin = copy.deepcopy(module)
+    assert twin.net.memory.value == "reversible"
+    assert all(p is not q for p, q in zip(twin.parameters(), module.parameters()))
