@@ -751,7 +751,7 @@ def test_actnorm_initialises_identically_under_ddp(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", ["glow", "realnvp-img", "nice"])
+@pytest.mark.parametrize("name", ["glow", "realnvp-img", "nice", "glow-openai", "realnvp-paper"])
 def test_model_on_cuda_matches_stored_twin(name):
     model, x = _model(name)
     model, x = model.cuda(), x.cuda()
