@@ -21,7 +21,10 @@ starts with :math:`x - \tfrac12` by default (as openai/glow), a density on :math
 that may put mass outside the unit cube, or with the logit transform (``preprocess="logit"``).
 Every coupling takes its element-wise transform by name (``transform=``): ``"affine"``
 (RealNVP, Glow), ``"additive"`` (NICE), ``"gin"`` (volume preserving, GIN) or ``"spline"``
-(rational-quadratic, neural spline flows).
+(rational-quadratic, neural spline flows); the affine transform's scale by name (``scale=``):
+``"tanh"`` (a soft clamp, default), ``"sigmoid"`` (the Glow code's) or ``"learned_tanh"``
+(RealNVP's). ``glow(learn_top=True)`` learns the top prior (openai/glow ``--learntop``);
+``realnvp(coupling_net="resnet")`` uses RealNVP's residual coupling networks.
 
 References:
     Dinh et al., "NICE", 2014. Dinh et al., "Density estimation using Real NVP", 2016.
@@ -45,6 +48,7 @@ from revtrain import (
     MemoryMode,
     RationalQuadratic,
     ReversibleSequential,
+    SigmoidAffine,
     VolumePreservingAffine,
 )
 from revtrain.base import InvertibleModule
@@ -60,7 +64,10 @@ from revtrain.flows import (
     GaussianSplit,
     InvConv1x1,
     InvConv1x1LU,
+    LearnedTanhScale,
+    LearnedTopPrior,
     LogitTransform,
+    ResNet,
     StandardNormal,
     make_prior,
     split_sizes,
@@ -75,17 +82,32 @@ __all__ = ["FlowModel", "VectorFlow", "MultiScaleFlow", "glow_step", "glow_level
            "spline_glow"]
 
 TRANSFORMS = ("affine", "additive", "gin", "spline")
+SCALES = ("tanh", "sigmoid", "learned_tanh")
+COUPLING_NETS = ("conv", "resnet")
 
 
-def make_transform(name: str, clamp: float | None = 2.0, bins: int = 8, bound: float = 3.0):
-    """The element-wise coupling transform called ``name``.
+def make_transform(name: str, clamp: float | None = 2.0, bins: int = 8, bound: float = 3.0,
+                   scale: str = "tanh"):
+    r"""The element-wise coupling transform called ``name``.
 
-    ``"affine"``: :class:`~revtrain.Affine` with soft clamp ``clamp``; ``"additive"``:
-    :class:`~revtrain.Additive`; ``"gin"``: :class:`~revtrain.VolumePreservingAffine`;
-    ``"spline"``: :class:`~revtrain.RationalQuadratic` with ``bins`` bins on ``[-bound, bound]``.
+    ``"affine"``: by ``scale``, :class:`~revtrain.Affine` with soft clamp ``clamp``
+    (``"tanh"``: :math:`s = c \tanh(\tilde s / c)`), :class:`~revtrain.SigmoidAffine`
+    (``"sigmoid"``: :math:`y = (x + t)\,\sigma(\tilde s + 2)`, the Glow code) or
+    ``Affine(clamp=None)`` (``"learned_tanh"``: RealNVP's :math:`s = a \tanh(\tilde s)`, whose
+    learned :math:`a` lives in the sub-network, :class:`~revtrain.flows.LearnedTanhScale`);
+    ``"additive"``: :class:`~revtrain.Additive`; ``"gin"``:
+    :class:`~revtrain.VolumePreservingAffine`; ``"spline"``: :class:`~revtrain.RationalQuadratic`
+    with ``bins`` bins on ``[-bound, bound]``.
     """
+    if scale not in SCALES:
+        raise ValueError(f"unknown affine scale {scale!r}; use one of {', '.join(SCALES)}")
+    if scale != "tanh" and name != "affine":
+        raise ValueError(f"scale={scale!r} applies to the affine transform only, got "
+                         f"transform={name!r}; use transform='affine' or scale='tanh'")
     if name == "affine":
-        return Affine(clamp)
+        if scale == "sigmoid":
+            return SigmoidAffine()
+        return Affine(None if scale == "learned_tanh" else clamp)
     if name == "additive":
         return Additive()
     if name == "gin":
@@ -233,17 +255,18 @@ def _check_image(name: str, in_channels: int, image_size: int, levels: int) -> N
 
 
 def glow_step(channels: int, hidden: int, clamp: float = 2.0, lu: bool = True,
-              transform: str = "affine", bins: int = 8, bound: float = 3.0) -> list[nn.Module]:
+              transform: str = "affine", bins: int = 8, bound: float = 3.0,
+              scale: str = "tanh") -> list[nn.Module]:
     """One Glow step of flow: ActNorm, invertible 1x1 convolution, half coupling
-    (``transform``, see :func:`make_transform`; affine in Glow)."""
+    (``transform`` and ``scale``, see :func:`make_transform`; affine in Glow)."""
     kept, transformed = split_sizes(channels)
-    if transform == "affine":
+    if transform == "affine" and scale == "tanh":
         coupling: nn.Module = AffineCoupling(ConvNet(kept, 2 * transformed, hidden), None,
                                              split_dim=1, clamp=clamp)
     else:
-        t = make_transform(transform, clamp, bins, bound)
-        coupling = Coupling(ConvNet(kept, t.num_params * transformed, hidden), None, t,
-                            ChannelSplit(1))
+        t = make_transform(transform, clamp, bins, bound, scale)
+        coupling = _coupling(lambda k: ConvNet(kept, k * transformed, hidden), ChannelSplit(1),
+                             t, transformed if scale == "learned_tanh" else 0)
     return [
         ActNorm(channels),
         InvConv1x1LU(channels) if lu else InvConv1x1(channels),
@@ -254,8 +277,10 @@ def glow_step(channels: int, hidden: int, clamp: float = 2.0, lu: bool = True,
 def glow_level(in_channels: int, steps: int, hidden: int, squeeze: bool = True,
                split: bool = False, clamp: float = 2.0, lu: bool = True,
                memory: MemoryMode | str = MemoryMode.REVERSIBLE, transform: str = "affine",
-               bins: int = 8, bound: float = 3.0) -> ReversibleSequential:
-    """One Glow level as a reversible stack: [squeeze], ``steps`` steps, [Gaussian split].
+               bins: int = 8, bound: float = 3.0, scale: str = "tanh",
+               top_prior: Sequence[int] | None = None) -> ReversibleSequential:
+    """One Glow level as a reversible stack: [squeeze], ``steps`` steps, [Gaussian split],
+    [learned top prior].
 
     Args:
         in_channels: channels of the level input (before the squeeze).
@@ -264,13 +289,19 @@ def glow_level(in_channels: int, steps: int, hidden: int, squeeze: bool = True,
         squeeze: start with a 2x2 squeeze (``C -> 4C``).
         split: end with a :class:`~revtrain.flows.GaussianSplit` (learned conditional prior
             of the half that the model factors out).
+        scale: the affine transform's scale (:func:`make_transform`).
+        top_prior: ``(C, H, W)`` of the level's output: end with a
+            :class:`~revtrain.flows.LearnedTopPrior` of that shape (the last level, with
+            ``learn_top``).
     """
     c = 4 * in_channels if squeeze else in_channels
     layers: list[nn.Module] = [Squeeze(2)] if squeeze else []
     for _ in range(steps):
-        layers += glow_step(c, hidden, clamp, lu, transform, bins, bound)
+        layers += glow_step(c, hidden, clamp, lu, transform, bins, bound, scale)
     if split:
         layers.append(GaussianSplit(c))
+    if top_prior is not None:
+        layers.append(LearnedTopPrior(top_prior))
     return ReversibleSequential(*layers, memory=memory)
 
 
@@ -279,7 +310,7 @@ def glow(in_channels: int = 3, image_size: int = 32, levels: int = 3, steps: int
          hidden: int = 512, clamp: float = 2.0, lu: bool = True, split_prior: bool = True,
          memory: MemoryMode | str = MemoryMode.REVERSIBLE, preprocess: str = "center",
          alpha: float = 0.05, transform: str = "affine", bins: int = 8,
-         bound: float = 3.0) -> MultiScaleFlow:
+         bound: float = 3.0, scale: str = "tanh", learn_top: bool = False) -> MultiScaleFlow:
     r"""Glow (Kingma & Dhariwal 2018): ``levels`` levels of ``steps`` steps each.
 
     Each level: squeeze, ``K`` x (ActNorm, LU 1x1 convolution, affine coupling), then (except
@@ -288,19 +319,23 @@ def glow(in_channels: int = 3, image_size: int = 32, levels: int = 3, steps: int
     Data in ``[0, 1]``, shape ``(in_channels, image_size, image_size)``. ``preprocess``:
     ``"center"`` (:math:`x - 1/2`, openai/glow; a density on :math:`\mathbb R^D`, which may
     put mass outside the unit cube) or ``"logit"`` (RealNVP's logit with margin ``alpha``; a
-    density on :math:`[0, 1]^D`, and measured better on digits). ``transform`` as in
-    :func:`make_transform` (``bins``, ``bound`` for ``"spline"``).
+    density on :math:`[0, 1]^D`, and measured better on digits). ``transform`` and ``scale`` as
+    in :func:`make_transform` (``bins``, ``bound`` for ``"spline"``; ``scale="sigmoid"`` is the
+    openai/glow code's :math:`\sigma(\tilde s + 2)`). ``learn_top``: a learned diagonal
+    Gaussian prior of the last level's output (:class:`~revtrain.flows.LearnedTopPrior`,
+    openai/glow ``--learntop``) instead of a standard normal.
     """
     _check_image("glow", in_channels, image_size, levels)
     pre = _preprocess("glow", preprocess, alpha)
-    make_transform(transform, clamp, bins, bound)  # a bad name fails here, before any layer
+    make_transform(transform, clamp, bins, bound, scale)  # bad names fail before any layer
     stacks, factored, shapes = [], [], []
     c, s = in_channels, image_size
     for level in range(levels):
         last = level == levels - 1
+        top = (4 * c, s // 2, s // 2) if last and learn_top else None
         stacks.append(glow_level(c, steps, hidden, squeeze=True, split=split_prior and not last,
                                  clamp=clamp, lu=lu, memory=memory, transform=transform,
-                                 bins=bins, bound=bound))
+                                 bins=bins, bound=bound, scale=scale, top_prior=top))
         c, s = 4 * c, s // 2
         shapes.append((c, s, s))
         out = 0 if last else split_sizes(c)[1]
@@ -309,10 +344,14 @@ def glow(in_channels: int = 3, image_size: int = 32, levels: int = 3, steps: int
     return MultiScaleFlow((in_channels, image_size, image_size), pre, stacks, factored, shapes)
 
 
-def _coupling(make_net, mask: ChannelMask | CheckerboardMask, transform) -> Coupling:
+def _coupling(make_net, mask, transform, learned_scale: int = 0) -> Coupling:
     """A half coupling with ``mask`` and ``transform``; ``make_net(k)`` builds its network for
-    ``k`` parameters per transformed entry."""
-    return Coupling(make_net(transform.num_params), None, transform, split=mask)
+    ``k`` parameters per transformed entry. ``learned_scale``: wrap the network in a
+    :class:`~revtrain.flows.LearnedTanhScale` over that many transformed channels."""
+    net = make_net(transform.num_params)
+    if learned_scale:
+        net = LearnedTanhScale(net, learned_scale)
+    return Coupling(net, None, transform, split=mask)
 
 
 @register_model(input_size=(3, 32, 32), paper="RealNVP (Dinh et al. 2016)")
@@ -320,7 +359,8 @@ def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden:
             dim: int | None = None, num_layers: int = 8, depth: int = 2, clamp: float = 2.0,
             alpha: float = 0.05, actnorm: bool = True, split_prior: bool = False,
             memory: MemoryMode | str = MemoryMode.REVERSIBLE, transform: str = "affine",
-            bins: int = 8, bound: float = 3.0) -> FlowModel:
+            bins: int = 8, bound: float = 3.0, scale: str = "tanh", coupling_net: str = "conv",
+            num_blocks: int = 8) -> FlowModel:
     """RealNVP (Dinh et al. 2016), for images (multi-scale) or, with ``dim``, for vectors.
 
     Images: logit preprocessing, then per level 3 checkerboard affine couplings, a squeeze,
@@ -328,15 +368,32 @@ def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden:
     checkerboard couplings. Vectors (``dim`` given): ``num_layers`` affine couplings with
     alternating masks, MLP sub-networks of ``depth`` hidden layers. ``actnorm`` adds an ActNorm
     after every coupling; ``split_prior`` a learned conditional prior at each split (Glow's).
-    ``transform`` as in :func:`make_transform` (``"affine"`` in the paper; ``"spline"`` with
-    ``bins`` bins on ``[-bound, bound]``).
+    ``transform`` and ``scale`` as in :func:`make_transform` (``"affine"`` in the paper, whose
+    log-scale is ``scale="learned_tanh"``; ``"spline"`` with ``bins`` bins on
+    ``[-bound, bound]``). ``coupling_net``: ``"conv"`` (Glow's three convolutions, ``hidden``
+    wide) or ``"resnet"`` (the paper's: :class:`~revtrain.flows.ResNet` with ``num_blocks``
+    residual blocks of ``hidden`` features; images only). The paper's CIFAR-10 model:
+    ``levels=2, coupling_net="resnet", num_blocks=8, hidden=64, scale="learned_tanh"``.
     """
     def t():
-        return make_transform(transform, clamp, bins, bound)
+        return make_transform(transform, clamp, bins, bound, scale)
 
-    t()  # a bad transform name fails before any layer is built
+    t()  # a bad transform or scale name fails before any layer is built
+    if coupling_net not in COUPLING_NETS:
+        raise ValueError(f"realnvp: unknown coupling_net {coupling_net!r}; use one of "
+                         f"{', '.join(COUPLING_NETS)}")
+    learned = scale == "learned_tanh"
     if dim is not None:
-        return _vector_flow(dim, num_layers, hidden, depth, t, actnorm, False, memory)
+        if coupling_net != "conv":
+            raise ValueError("realnvp: coupling_net='resnet' is for images; vectors (dim=...) "
+                             "use MLPs (hidden, depth)")
+        return _vector_flow(dim, num_layers, hidden, depth, t, actnorm, False, memory,
+                            learned=learned)
+
+    def net(n_in: int, n_out: int) -> nn.Module:
+        if coupling_net == "resnet":
+            return ResNet(n_in, n_out, hidden, num_blocks)
+        return ConvNet(n_in, n_out, hidden)
 
     _check_image("realnvp", in_channels, image_size, levels)
     stacks, factored, shapes = [], [], []
@@ -347,8 +404,8 @@ def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden:
         for i in range(4 if last else 3):
             mask = CheckerboardMask(i % 2)
             layers.append(_coupling(
-                lambda k, c=c, mask=mask: CheckerboardNet(ConvNet(c + 1, k * c, hidden), mask),
-                mask, t()))
+                lambda k, c=c, mask=mask: CheckerboardNet(net(c + 1, k * c), mask),
+                mask, t(), c if learned else 0))
             if actnorm:
                 layers.append(ActNorm(c))
         if not last:
@@ -357,9 +414,8 @@ def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden:
             kept, transformed = split_sizes(c)
             for i in range(3):
                 layers.append(_coupling(
-                    lambda k, kept=kept, transformed=transformed: ConvNet(kept, k * transformed,
-                                                                          hidden),
-                    ChannelMask(flip=bool(i % 2)), t()))
+                    lambda k, kept=kept, transformed=transformed: net(kept, k * transformed),
+                    ChannelMask(flip=bool(i % 2)), t(), transformed if learned else 0))
                 if actnorm:
                     layers.append(ActNorm(c))
             if split_prior:
@@ -374,9 +430,11 @@ def realnvp(in_channels: int = 3, image_size: int = 32, levels: int = 3, hidden:
 
 
 def _vector_flow(dim: int, num_layers: int, hidden: int, depth: int, make_t, actnorm: bool,
-                 lu: bool, memory: MemoryMode | str, steps: bool = False) -> VectorFlow:
+                 lu: bool, memory: MemoryMode | str, steps: bool = False,
+                 learned: bool = False) -> VectorFlow:
     """``num_layers`` x (half coupling with alternating masks, [ActNorm]); with ``steps``,
-    Glow's order instead: ([ActNorm], [LU linear layer], coupling)."""
+    Glow's order instead: ([ActNorm], [LU linear layer], coupling). ``learned``: RealNVP's
+    learned tanh scale around each MLP."""
     if dim < 2:
         raise ValueError(f"a coupling flow on vectors needs dim >= 2 to split, got {dim}")
     layers: list[nn.Module] = []
@@ -384,7 +442,7 @@ def _vector_flow(dim: int, num_layers: int, hidden: int, depth: int, make_t, act
         mask = CheckerboardMask(i % 2)
         n1 = len(range(mask.parity, dim, 2))
         coupling = _coupling(lambda k, n1=n1: MLP(dim - n1, k * n1, hidden, depth), mask,
-                             make_t())
+                             make_t(), n1 if learned else 0)
         if not steps:
             layers += [coupling, ActNorm(dim)] if actnorm else [coupling]
             continue

@@ -10,7 +10,8 @@ What is here (everything is imported on first use, so ``import revtrain`` is lig
   for any module; :class:`MemoryModeMixin`, the ``model.memory`` of every model in
   ``revtrain.models``; :func:`is_rebuilding` for hooks that must act once.
 * Invertible layers: :class:`Coupling`, written once around an element-wise transform
-  (:class:`Additive`, :class:`Affine`, :class:`VolumePreservingAffine` (GIN),
+  (:class:`Additive`, :class:`Affine`, :class:`SigmoidAffine` (Glow's code),
+  :class:`VolumePreservingAffine` (GIN),
   :class:`RationalQuadratic` (spline); the protocol :class:`ElementwiseTransform`) and a split
   (:class:`ChannelSplit`; the protocol :class:`Split`), with the shortcuts
   :class:`AdditiveCoupling` and :class:`AffineCoupling`; :class:`Squeeze`,
@@ -35,7 +36,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Additive": ".coupling", "AdditiveCoupling": ".coupling", "Affine": ".coupling",
     "AffineCoupling": ".coupling", "ChannelSplit": ".coupling", "Coupling": ".coupling",
-    "VolumePreservingAffine": ".coupling", "RationalQuadratic": ".splines",
+    "VolumePreservingAffine": ".coupling", "SigmoidAffine": ".coupling",
+    "RationalQuadratic": ".splines",
     "ElementwiseTransform": ".coupling", "Split": ".coupling",
     "ChannelPermute": ".layers", "InjectivePad": ".layers", "Squeeze": ".layers",
     "SwapHalves": ".layers",

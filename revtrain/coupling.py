@@ -32,6 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .base import InvertibleModule, takes_two_arguments, zero_log_det
 
@@ -40,6 +41,7 @@ __all__ = [
     "Split",
     "Additive",
     "Affine",
+    "SigmoidAffine",
     "VolumePreservingAffine",
     "ChannelSplit",
     "Coupling",
@@ -186,6 +188,44 @@ class Affine(_Transform):
 
     def __repr__(self) -> str:
         return f"Affine(clamp={self.clamp})"
+
+
+class SigmoidAffine(Affine):
+    r"""The affine transform of the Glow code: :math:`y = (x + t) \odot \sigma(\tilde s + 2)`.
+
+    The sub-network outputs :math:`(\tilde s, t)` as for :class:`Affine`; the scale is
+    :math:`\sigma(\tilde s + 2) \in (0, 1)` (0.88 for a zero output) and the shift is added
+    *before* scaling, as in openai/glow (``flow_coupling=1``) and rosinality/glow-pytorch. The
+    log-scale :math:`s = \log\sigma(\tilde s + 2)` is computed with ``logsigmoid`` (exact for
+    any :math:`\tilde s`), and the log-det is :math:`\sum s`. Inverse:
+    :math:`x = y \odot e^{-s} - t`.
+
+    The scale is bounded above (every coupling contracts), not below: a very negative
+    :math:`\tilde s` makes :math:`e^{-s}` large in the inverse, as in the papers' code.
+
+    Reference: Kingma & Dhariwal, "Glow", 2018, code ``model.py`` (``revnet2d_step``).
+    """
+
+    def __init__(self, offset: float = 2.0):
+        super().__init__(None)
+        self.offset = float(offset)
+
+    def _scale_shift(self, h: Tensor, dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        raw, t = h.to(dtype).chunk(2, dim=dim)
+        return F.logsigmoid(raw + self.offset), t
+
+    def forward(self, x: Tensor, h: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        s, t = self._scale_shift(h, dim, x.dtype)
+        return (x + t) * torch.exp(s), s.flatten(1).sum(1)
+
+    def inverse(self, y: Tensor, h: Tensor, dim: int, out: Tensor | None = None) -> Tensor:
+        s, t = self._scale_shift(h, dim, y.dtype)
+        if out is not None:
+            return torch.sub(y * torch.exp(-s), t, out=out)
+        return y * torch.exp(-s) - t
+
+    def __repr__(self) -> str:
+        return f"SigmoidAffine(offset={self.offset})"
 
 
 class VolumePreservingAffine(Affine):

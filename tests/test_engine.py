@@ -628,7 +628,8 @@ def test_built_in_splits_and_transforms_satisfy_the_typed_protocols():
 
     for split in (revtrain.ChannelSplit(2), ChannelMask(), CheckerboardMask(1)):
         assert isinstance(split, revtrain.Split), split
-    for transform in (revtrain.Additive(), revtrain.Affine(2.0), revtrain.VolumePreservingAffine(),
+    for transform in (revtrain.Additive(), revtrain.Affine(2.0), revtrain.SigmoidAffine(),
+                      revtrain.VolumePreservingAffine(),
                       revtrain.RationalQuadratic()):
         assert isinstance(transform, revtrain.ElementwiseTransform), transform
     assert not isinstance(object(), revtrain.Split)  # the check can fail

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import revtrain
-from revtrain import Additive, Affine, Coupling, ReversibleSequential
+from revtrain import Additive, Affine, ChannelSplit, Coupling, ReversibleSequential, SigmoidAffine
 from revtrain.flows import (
     MLP,
     ActNorm,
@@ -26,7 +26,10 @@ from revtrain.flows import (
     GaussianSplit,
     InvConv1x1,
     InvConv1x1LU,
+    LearnedTanhScale,
+    LearnedTopPrior,
     LogitTransform,
+    ResNet,
     StandardLogistic,
     StandardNormal,
     UniformDequantization,
@@ -71,9 +74,21 @@ def _vec_cb_coupling(d: int, parity: int, affine: bool) -> Coupling:
                     split=mask)
 
 
-def _ch_coupling(c: int, flip: bool) -> Coupling:
-    return Coupling(ConvNet(c - c // 2, 2 * (c // 2), 6), None, Affine(2.0),
+def _ch_coupling(c: int, flip: bool, transform=None) -> Coupling:
+    return Coupling(ConvNet(c - c // 2, 2 * (c // 2), 6), None, transform or Affine(2.0),
                     split=ChannelMask(flip))
+
+
+def _cb_sigmoid(c: int, parity: int) -> Coupling:
+    mask = CheckerboardMask(parity)
+    return Coupling(CheckerboardNet(ConvNet(c + 1, 2 * c, 6), mask), None, SigmoidAffine(), mask)
+
+
+def _cb_learned_tanh(c: int, parity: int) -> Coupling:
+    """RealNVP's coupling: residual network, s = a tanh(s~) with a learned a per channel."""
+    mask = CheckerboardMask(parity)
+    net = LearnedTanhScale(CheckerboardNet(ResNet(c + 1, 2 * c, 6, num_blocks=2), mask), c)
+    return Coupling(net, None, Affine(None), mask)
 
 
 # name -> (module factory, input factory); all in float64
@@ -96,6 +111,15 @@ LAYERS = {
     "gaussian-split": (lambda: GaussianSplit(4), lambda: _img(4, 3)),
     "gaussian-split-hidden": (lambda: GaussianSplit(3, hidden=5), lambda: _img(3, 2)),
     "gaussian-split-vec": (lambda: GaussianSplit(5, image=False), lambda: _vec(5)),
+    "channel-mask-sigmoid": (lambda: _ch_coupling(4, False, SigmoidAffine()), lambda: _img(4, 3)),
+    "channel-split-sigmoid": (lambda: Coupling(ConvNet(2, 4, 6), None, SigmoidAffine(),
+                                               ChannelSplit(1)), lambda: _img(4, 2)),
+    "checkerboard-sigmoid": (lambda: _cb_sigmoid(2, 1), lambda: _img(2, 4)),
+    "checkerboard-vec-sigmoid": (lambda: Coupling(MLP(2, 6, 8, 1), None, SigmoidAffine(),
+                                                  CheckerboardMask(0)), lambda: _vec(5)),
+    "checkerboard-learned-tanh": (lambda: _cb_learned_tanh(2, 0), lambda: _img(2, 4)),
+    "learned-top": (lambda: LearnedTopPrior((2, 3, 3)), lambda: _img(2, 3)),
+    "learned-top-vec": (lambda: LearnedTopPrior((4,)), lambda: _vec(4)),
     "logit": (lambda: LogitTransform(0.05), lambda: _unit(2, 2)),
     "center": (lambda: CenterShift(), lambda: _unit(1, 3)),
 }
@@ -115,6 +139,13 @@ MODELS = {
                              hidden=4, lu=False, split_prior=False), lambda: _unit(2, 4)),
     "glow-logit": (dict(name="glow", in_channels=1, image_size=4, levels=2, steps=1, hidden=4,
                         preprocess="logit"), lambda: _unit(1, 4)),
+    "glow-openai": (dict(name="glow", in_channels=1, image_size=4, levels=2, steps=2, hidden=4,
+                         lu=False, scale="sigmoid", learn_top=True), lambda: _unit(1, 4)),
+    "realnvp-paper": (dict(name="realnvp", in_channels=1, image_size=4, levels=2, hidden=4,
+                           coupling_net="resnet", num_blocks=2, scale="learned_tanh"),
+                      lambda: _unit(1, 4)),
+    "realnvp-vec-learned-tanh": (dict(name="realnvp", dim=5, hidden=8, num_layers=3,
+                                      scale="learned_tanh"), lambda: _vec(5)),
     "nsf": (dict(name="nsf", dim=3, hidden=8, num_layers=3, bins=4), lambda: _vec(3)),
     "gin": (dict(name="gin", dim=4, hidden=8, num_layers=3), lambda: _vec(4)),
     "spline-realnvp-img": (dict(name="spline_realnvp", in_channels=1, image_size=4, levels=2,
@@ -720,7 +751,7 @@ def test_actnorm_initialises_identically_under_ddp(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", ["glow", "realnvp-img", "nice"])
+@pytest.mark.parametrize("name", ["glow", "realnvp-img", "nice", "glow-openai", "realnvp-paper"])
 def test_model_on_cuda_matches_stored_twin(name):
     model, x = _model(name)
     model, x = model.cuda(), x.cuda()

@@ -19,8 +19,8 @@ from .dequant import (
 from .distributions import StandardLogistic, StandardNormal, make_prior
 from .invconv import InvConv1x1, InvConv1x1LU
 from .masks import ChannelMask, CheckerboardMask, CheckerboardNet
-from .multiscale import GaussianSplit, split_sizes
-from .nets import MLP, ConvNet
+from .multiscale import GaussianSplit, LearnedTopPrior, split_sizes
+from .nets import MLP, ConvNet, LearnedTanhScale, ResNet
 from .scaling import DiagonalScaling
 
 __all__ = [
@@ -34,8 +34,11 @@ __all__ = [
     "GaussianSplit",
     "InvConv1x1",
     "InvConv1x1LU",
+    "LearnedTanhScale",
+    "LearnedTopPrior",
     "LogitTransform",
     "MLP",
+    "ResNet",
     "StandardLogistic",
     "StandardNormal",
     "UniformDequantization",

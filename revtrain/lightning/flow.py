@@ -131,6 +131,7 @@ class FlowModule(StepsBySplit, pl.LightningModule):
         data_bins = getattr(datamodule, "num_bins", None)
         if self.dequantize is None:
             self._build_dequantizer(data_bins or 256)
+            self._refresh_weight_averages(stage)
         elif data_bins is not None and data_bins != self.num_bins:
             raise ValueError(
                 f"the flow scores data with {self.num_bins} grey levels (num_bins) but "
@@ -139,6 +140,21 @@ class FlowModule(StepsBySplit, pl.LightningModule):
             )
         if self.hparams.check_input and datamodule is not None:
             self.check_data(datamodule)
+
+    def _refresh_weight_averages(self, stage: str) -> None:
+        """Lightning sets up the callbacks before the module: a
+        :class:`~pytorch_lightning.callbacks.WeightAveraging` (Polyak / EMA averaging) copied
+        the module before the dequantizer built in :meth:`setup` existed. When that dequantizer
+        has parameters or buffers, set the callback up again (nothing is averaged yet), so
+        that its copy holds the same tensors in the same order as the module it swaps with."""
+        from pytorch_lightning.callbacks import WeightAveraging
+
+        trainer = self._trainer
+        if trainer is None or not any(True for _ in self.dequantize.state_dict()):
+            return
+        for callback in trainer.callbacks:
+            if isinstance(callback, WeightAveraging):
+                callback.setup(trainer, self, stage)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         from .callbacks import SampleGrid
