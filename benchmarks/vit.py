@@ -18,6 +18,9 @@ r"""Benchmarks of the reversible Vision Transformers (issue 11): memory, step ti
    initial weights and seed (``configs/digits_vit.yaml``'s recipe: AdamW 5e-3, weight decay
    0.05, one-cycle warm-up + cosine, label smoothing 0.1, batch 64, 1-pixel shifts, 100 epochs) on
    :class:`~revtrain.lightning.DigitsDataModule`'s split; test accuracy, wall time, load average.
+   ``--seeds N`` trains N such pairs (seeds 0 .. N-1) and adds per-model mean / std of the test
+   accuracy and the mean reversible-minus-stored gap with its spread: single runs differ by
+   about a point because float rounding makes the two trainings drift apart over 2,100 steps.
 
 Writes ``benchmarks/results/vit_memory.json`` (1 and 2) and ``vit_digits.json`` (3).
 Run: ``python benchmarks/vit.py`` (``--only memory|timing|digits``; ``--quick``: small sizes,
@@ -189,23 +192,31 @@ def _train(model: nn.Module, data, epochs: int, seed: int) -> dict[str, Any]:
             "load_average_after": [round(v, 2) for v in os.getloadavg()]}
 
 
-def digits(epochs: int) -> dict[str, Any]:
+def digits(epochs: int, seeds: int = 1) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as configs/digits_vit.yaml: tiny matrices, more threads only spin
     try:
-        return _digits(epochs)
+        return _digits(epochs, seeds)
     finally:
         torch.set_num_threads(threads)
 
 
-def _digits(epochs: int) -> dict[str, Any]:
+def _mean_std(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation (n - 1; ``None`` for one value), in points."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": round(float(t.mean()), 3),
+            "std": round(float(t.std()), 3) if len(values) > 1 else None,
+            "min": round(float(t.min()), 3), "max": round(float(t.max()), 3)}
+
+
+def _digits(epochs: int, seeds: int) -> dict[str, Any]:
+    """Seed ``s`` (0, 1, ...): initial weights from ``torch.manual_seed(s)``, copied into the
+    stored twin; both then train from ``torch.manual_seed(s + 1)`` (the same shifts and batch
+    order). Seed 0 is the single run of earlier versions of this benchmark."""
     from revtrain.lightning import DigitsDataModule
 
     data = DigitsDataModule(batch_size=BATCH, augment=True)
     data.setup()
-    torch.manual_seed(0)
-    model = create("rev_vit_digits")
-    twin = copy.deepcopy(model).set_memory("stored")
     out: dict[str, Any] = {
         "recipe": {"epochs": epochs, "optimizer": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY,
                    "schedule": "OneCycleLR (5 % linear warm-up, cosine)",
@@ -213,12 +224,34 @@ def _digits(epochs: int) -> dict[str, Any]:
                    "threads": torch.get_num_threads(), "config": "configs/digits_vit.yaml"},
         "split": {"train": len(data.train_set), "val": len(data.val_set),
                   "test": len(data.test_set)},
-        "params": sum(p.numel() for p in model.parameters())}
-    for name, m in (("reversible", model), ("stored_twin", twin)):
-        out[name] = _train(m, data, epochs, seed=1)
-        print(f"rev_vit_digits {name}: {out[name]}", flush=True)
-    out["accuracy_gap_points"] = round(
-        100 * (out["stored_twin"]["test_accuracy"] - out["reversible"]["test_accuracy"]), 2)
+        "seeding": "seed s: initial weights torch.manual_seed(s), shared by the twin; training "
+                   "torch.manual_seed(s + 1) for both",
+        "runs": []}
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model = create("rev_vit_digits")
+        twin = copy.deepcopy(model).set_memory("stored")
+        out["params"] = sum(p.numel() for p in model.parameters())
+        run: dict[str, Any] = {"seed": seed}
+        for name, m in (("reversible", model), ("stored_twin", twin)):
+            run[name] = _train(m, data, epochs, seed=seed + 1)
+            print(f"seed {seed}, rev_vit_digits {name}: {run[name]}", flush=True)
+        run["accuracy_gap_points"] = round(  # reversible minus stored twin
+            100 * (run["reversible"]["test_accuracy"] - run["stored_twin"]["test_accuracy"]), 2)
+        out["runs"].append(run)
+    acc = {name: [100 * r[name]["test_accuracy"] for r in out["runs"]]
+           for name in ("reversible", "stored_twin")}
+    gaps = [r["accuracy_gap_points"] for r in out["runs"]]
+    out["summary"] = {
+        "seeds": seeds,
+        "test_accuracy_points": {name: {"per_seed": [round(a, 2) for a in v], **_mean_std(v)}
+                                 for name, v in acc.items()},
+        "gap_points_reversible_minus_stored": {"per_seed": gaps, **_mean_std(gaps)},
+        "train_seconds": {name: [r[name]["train_seconds"] for r in out["runs"]]
+                          for name in ("reversible", "stored_twin")},
+        "statistics": "std is the sample standard deviation (n - 1) over seeds",
+    }
+    print(out["summary"], flush=True)
     return out
 
 
@@ -232,7 +265,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="digits: train the reversible model and its stored twin for seeds "
+                             "0 .. N-1 (the same seed for both of a pair)")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = args.only or ["memory", "timing", "digits"]
@@ -257,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
                 report = {**old, **report}
             write_json(path, report)
     if "digits" in parts:
-        report = {"environment": environment(), "digits": digits(2 if args.quick else args.epochs)}
+        report = {"environment": environment(),
+                  "digits": digits(2 if args.quick else args.epochs, args.seeds)}
         if not args.quick:
             write_json(RESULTS / "vit_digits.json", report)
 

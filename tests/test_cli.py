@@ -152,6 +152,19 @@ def test_cifar_revnet_config_has_the_paper_hyperparameters(capsys):
     assert irevnet["model"]["init_args"]["lr_scheduler"]["init_args"]["gamma"] == 0.2
 
 
+def test_vit_configs_have_the_papers_mixup_cutmix_and_smoothing(capsys):
+    """Rev-ViT / DeiT (SlowFast's REV_VIT_S.yaml MIXUP section): mixup 0.8, CutMix 1.0 on every
+    batch, switch 0.5, label smoothing 0.1; the digits recipe stays unmixed."""
+    for name in ("imagenet_rev_vit_small", "imagenet_rev_vit_base", "cifar10_rev_vit_small"):
+        model = _printed(EXPERIMENTS[name], capsys=capsys)["model"]["init_args"]
+        assert {k: model[k] for k in ("mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob",
+                                      "label_smoothing")} == {
+            "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mix_prob": 1.0, "switch_prob": 0.5,
+            "label_smoothing": 0.1}, name
+    digits = _printed(EXPERIMENTS["digits_rev_vit_digits"], capsys=capsys)["model"]["init_args"]
+    assert digits["mixup_alpha"] == 0.0 and digits["cutmix_alpha"] == 0.0
+
+
 def test_imagenet_configs_run_on_one_device_as_they_are(capsys):
     """One CPU or GPU without overrides; 4 x 64 images per step as the papers' 4 GPUs."""
     for name in ("imagenet_revnet104", "imagenet_irevnet_a"):
@@ -277,6 +290,7 @@ def test_resume_errors_are_short_and_clear(capsys, in_tmp):
     (["--model.class_path", "revtrain.lightning.Clasifier"],
      "no class 'revtrain.lightning.Clasifier'; did you mean revtrain.lightning.Classifier?"),
     (["--model.model_kwargs", "{droput: 0.1}"], "did you mean 'dropout'?"),
+    (["--model.mixup_alpha", "-0.5"], "--model.mixup_alpha must be >= 0"),
     (["--trainer.max_epochs", "-1", "--trainer.limit_train_batches", "1",
       "--model.model_name", "resnet32", "--model.memory", "reversible"],
      "ResNet has no reversible stack"),

@@ -25,9 +25,11 @@ from .conditional import (
 )
 from .data import CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule, ImageNetDataModule
 from .flow import FlowModule
+from .mixing import BatchMix
 from .report import RunReport, memory_table, write_memory_table
 
 __all__ = [
+    "BatchMix",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "Classifier",

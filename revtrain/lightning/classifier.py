@@ -14,6 +14,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ._common import StepsBySplit, build_model, configure_optim, eval_mode, fully_shard_reversible
+from .mixing import BatchMix
 
 __all__ = ["Classifier"]
 
@@ -27,6 +28,15 @@ class Classifier(StepsBySplit, pl.LightningModule):
 
     Minimises :math:`\mathcal{L} = -\frac{1}{B}\sum_i \log \mathrm{softmax}(f(x_i))_{y_i}`
     and reports top-1 / top-5 accuracy (torchmetrics) for train, validation and test.
+
+    With mixup / CutMix (``mixup_alpha`` or ``cutmix_alpha`` above 0) each training batch is
+    mixed in :meth:`training_step` (:class:`~revtrain.lightning.mixing.BatchMix`, torchvision's
+    ``MixUp`` / ``CutMix``) and the loss is the cross-entropy against the soft target,
+    :math:`-\frac{1}{B}\sum_i \sum_c \tilde y_{ic} \log \mathrm{softmax}(f(\tilde x_i))_c`,
+    with the target smoothed by ``label_smoothing`` first. On a mixed batch ``train/top1`` and
+    ``train/top5`` score the batch's dominant label (the argmax of the soft target, the label
+    with weight at least 1/2), not clean images. Validation, test and prediction batches are
+    never mixed.
 
     The network is :attr:`net`; :meth:`loss` is the scalar the module minimises (the memory
     table measures one backward of it for the network and for its stored twin).
@@ -54,6 +64,12 @@ class Classifier(StepsBySplit, pl.LightningModule):
             layer of the reversible stacks, ``"stack"`` every stack, then the whole network
             (stem, transitions, head). Needs ``ModelParallelStrategy(data_parallel_size=<world
             size>, tensor_parallel_size=1)``; ``None`` (default) for every other strategy.
+        mixup_alpha: mixup's Beta :math:`\alpha` for training batches; 0 (default) turns it
+            off. DeiT / Rev-ViT: 0.8.
+        cutmix_alpha: CutMix's Beta :math:`\alpha`; 0 (default) turns it off. DeiT / Rev-ViT: 1.0.
+        mix_prob: probability that a training batch is mixed (DeiT: 1.0).
+        switch_prob: with both on, probability of CutMix rather than mixup for a batch (DeiT:
+            0.5).
 
     >>> module = Classifier("revnet_digits", num_classes=10, in_channels=1)
     >>> module.hparams.memory
@@ -75,8 +91,15 @@ class Classifier(StepsBySplit, pl.LightningModule):
         label_smoothing: float = 0.0,
         check_input: bool = True,
         shard: Literal["coupling", "stack"] | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        switch_prob: float = 0.5,
     ):
         super().__init__()
+        # checked before the model is built: a wrong value fails at once, naming the option
+        self.mix = BatchMix(num_classes, mixup_alpha, cutmix_alpha, mix_prob, switch_prob,
+                            name="--model.")
         # the factories stay out: a checkpoint must load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         kwargs = {"num_classes": num_classes, "in_channels": in_channels, **(model_kwargs or {})}
@@ -97,19 +120,28 @@ class Classifier(StepsBySplit, pl.LightningModule):
         return self.net(x)  # (B, num_classes)
 
     def _criterion(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy against labels ``(B,)`` or soft targets ``(B, num_classes)``."""
+        if y.is_floating_point():
+            y = y.to(logits.dtype)  # torchvision's mixed targets are float32
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
     def loss(self, batch: Any, net: nn.Module | None = None) -> Tensor:
-        """Cross-entropy of ``net`` (default :attr:`net`) on ``batch = (x, y)``."""
+        """Cross-entropy of ``net`` (default :attr:`net`) on ``batch = (x, y)``; ``y`` holds
+        labels or soft targets. The batch is taken as it is (not mixed)."""
         x, y = batch
         return self._criterion((net or self.net)(x), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One step on the batch mixed by :attr:`mix` (unchanged when mixing is off)."""
+        return self._step(self.mix(*batch), "train")
 
     def _step(self, batch: Any, split: str) -> Tensor:
         x, y = batch
         logits = self(x)  # (B, num_classes)
         loss = self._criterion(logits, y)
         metrics = getattr(self, f"{split}_metrics")
-        metrics.update(logits.detach(), y)
+        labels = y.argmax(dim=-1) if y.is_floating_point() else y  # a mixed batch: dominant label
+        metrics.update(logits.detach(), labels)
         on_step = split == "train"
         self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
                  sync_dist=not on_step, batch_size=len(y))
