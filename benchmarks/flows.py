@@ -145,6 +145,8 @@ def fit_2d(model: torch.nn.Module, name: str, steps: int, batch: int, seed: int 
         "steps_planned": steps, "steps_done": done, "batch": batch, "lr": lr,
         "schedule": "Adam, cosine decay over steps_planned", "max_seconds": max_seconds,
         "train_seconds": round(train_s, 1), "train_cpu_seconds": round(cpu_s, 1),
+        "ms_per_step": round(1000 * train_s / done, 3) if done else None,
+        "cpu_ms_per_step": round(1000 * cpu_s / done, 3) if done else None,
         "test_points": len(test), "test_nll_nats": float(nll.mean()),
         "test_nll_stderr": float(nll.std() / math.sqrt(len(nll))),
         "optimal_nll_nats": best["mc_nats"], "optimal_nll_stderr": best["mc_stderr"],

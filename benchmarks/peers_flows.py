@@ -124,9 +124,18 @@ def build(library: str, hidden: int, config: dict[str, Any] = NSF_CONFIG,
 
 
 def matched_width(library: str, target: int, config: dict[str, Any] = NSF_CONFIG,
-                  widths: range = range(8, 257)) -> int:
-    """The MLP width of ``library``'s model whose parameter count is closest to ``target``."""
-    return min(widths, key=lambda h: abs(num_params(build(library, h, config)[0]) / target - 1))
+                  low: int = 1, high: int = 1024) -> int:
+    """The MLP width in ``low..high`` of ``library``'s model whose parameter count is closest to
+    ``target`` (the count grows with the width: a bisection)."""
+    def count(h: int) -> int:
+        return num_params(build(library, h, config)[0])
+
+    lo, hi = low, high  # the first width with count >= target lies in lo..hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if count(mid) < target else (lo, mid)
+    candidates = [h for h in (lo - 1, lo) if low <= h <= high]
+    return min(candidates, key=lambda h: abs(count(h) / target - 1))
 
 
 def check_params(library: str, count: int, target: int,
@@ -168,11 +177,7 @@ def run(tasks: list[str], steps: int, batch: int, max_seconds: float, seed: int 
                             log_prob=log_prob)
             row = {"density": task, "library": library, "memory": memory,
                    "hidden": widths[library], "params_vs_revtrain": round(count / target - 1, 4),
-                   **result,
-                   "ms_per_step": round(1000 * result["train_seconds"] / result["steps_done"], 2),
-                   "cpu_ms_per_step": round(1000 * result["train_cpu_seconds"]
-                                            / result["steps_done"], 2),
-                   "load_before": round(load_before, 2),
+                   **result, "load_before": round(load_before, 2),
                    "load_after": round(os.getloadavg()[0], 2)}
             print(f"{task:12s} {library:8s} {memory:10s} {count:6,d} params: test NLL "
                   f"{row['test_nll_nats']:.4f}, gap {row['gap_nats']:.4f}, "
