@@ -30,6 +30,7 @@ smoke run, ``--only 2d`` / ``--only digits`` for one part.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,7 @@ DENSITIES = {
 }
 
 
+@functools.cache
 def optimum(name: str, n: int = 1_000_000) -> dict[str, float]:
     """Entropy of a density: Monte Carlo mean of ``-log p`` with the exact density."""
     sampler, log_density = DENSITIES[name]
@@ -107,46 +110,60 @@ def optimum(name: str, n: int = 1_000_000) -> dict[str, float]:
                                  math.log(8) + math.log(2 * math.pi * math.e * (0.5 / 1.414) ** 2))}
 
 
-def train_2d(name: str, steps: int, batch: int, config: dict[str, Any], seed: int = 0,
-             memory: str = "reversible", lr: float = 2e-3,
-             max_seconds: float = 175.0, model_name: str = "realnvp") -> dict[str, Any]:
-    """Train ``model_name(dim=2)`` (``realnvp``, ``nsf``, ...) for ``steps`` steps (or until
-    ``max_seconds``); test NLL."""
+def fit_2d(model: torch.nn.Module, name: str, steps: int, batch: int, seed: int = 0,
+           lr: float = 2e-3, max_seconds: float = 175.0,
+           log_prob: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """The training loop and test of every 2-D run, revtrain's and the peers'
+    (``benchmarks/peers_flows.py``): Adam at ``lr`` with cosine decay over ``steps``, a fresh
+    batch of ``batch`` float32 samples each step (generator seeded ``seed + 1``), stopping at
+    ``steps`` or ``max_seconds``; test NLL on 100,000 fresh samples (seed ``seed + 999``)
+    against the density's optimum. ``log_prob`` defaults to ``model.log_prob``."""
+    log_prob = log_prob or model.log_prob
     sampler, _ = DENSITIES[name]
-    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    model = create(model_name, dim=2, memory=memory, **config)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     model.train()
     done = 0
     while done < steps and time.perf_counter() - start < max_seconds:
         done += 1
         x = sampler(batch, gen).float()
-        loss = -model.log_prob(x).mean()
+        loss = -log_prob(x).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    train_s = time.perf_counter() - start
+    train_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     model.eval()
     test = sampler(100_000, torch.Generator().manual_seed(seed + 999)).float()
     with torch.no_grad():
-        nll = torch.cat([-model.log_prob(chunk) for chunk in test.split(10_000)]).double()
+        nll = torch.cat([-log_prob(chunk) for chunk in test.split(10_000)]).double()
     best = optimum(name)
     return {
-        "density": name, "model": model_name, "memory": memory, "config": config,
         "params": sum(p.numel() for p in model.parameters()),
         "steps_planned": steps, "steps_done": done, "batch": batch, "lr": lr,
         "schedule": "Adam, cosine decay over steps_planned", "max_seconds": max_seconds,
-        "train_seconds": round(train_s, 1),
+        "train_seconds": round(train_s, 1), "train_cpu_seconds": round(cpu_s, 1),
+        "ms_per_step": round(1000 * train_s / done, 3) if done else None,
+        "cpu_ms_per_step": round(1000 * cpu_s / done, 3) if done else None,
         "test_points": len(test), "test_nll_nats": float(nll.mean()),
         "test_nll_stderr": float(nll.std() / math.sqrt(len(nll))),
         "optimal_nll_nats": best["mc_nats"], "optimal_nll_stderr": best["mc_stderr"],
         "optimal_closed_form_nats": best["closed_form_nats"],
         "gap_nats": float(nll.mean()) - best["mc_nats"],
     }
+
+
+def train_2d(name: str, steps: int, batch: int, config: dict[str, Any], seed: int = 0,
+             memory: str = "reversible", lr: float = 2e-3,
+             max_seconds: float = 175.0, model_name: str = "realnvp") -> dict[str, Any]:
+    """Train ``model_name(dim=2)`` (``realnvp``, ``nsf``, ...) for ``steps`` steps (or until
+    ``max_seconds``) with :func:`fit_2d`, initialised after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    model = create(model_name, dim=2, memory=memory, **config)
+    return {"density": name, "model": model_name, "memory": memory, "config": config,
+            **fit_2d(model, name, steps, batch, seed, lr, max_seconds)}
 
 
 # --------------------------------------------------------------------------- digits

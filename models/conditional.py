@@ -68,68 +68,81 @@ from revtrain.flows import (
     ChannelMask,
     CheckerboardMask,
     CheckerboardNet,
+    ClassConditionalGaussian,
     ConvNet,
     InvConv1x1,
     InvConv1x1LU,
     LogitTransform,
     StandardNormal,
+    check_labels,
+    expand_labels,
     split_sizes,
 )
 from revtrain.layers import Squeeze
 from revtrain.modes import MemoryModeMixin
 
 from ._registry import register_model, variant_of
+from .flows import gin
 
 __all__ = [
-    "LabelEmbedding", "ObservationNet", "ConditionalFlow", "ConditionalVectorFlow",
-    "ConditionalMultiScaleFlow", "ConditionalCheckerboardNet", "ConditionalGaussianSplit",
+    "ClassLabels", "LabelEmbedding", "ObservationNet", "ConditionalFlow", "ConditionalVectorFlow",
+    "MixturePriorFlow", "ConditionalMultiScaleFlow", "ConditionalCheckerboardNet", "ConditionalGaussianSplit",
     "ConditionalNormal", "IterativeRefinement",
     "cinn", "cinn_ik", "cond_realnvp", "cond_realnvp_digits", "cond_glow", "cond_glow_digits",
-    "irim_toy",
+    "cond_gin", "cond_gin_digits", "irim_toy",
 ]
 
 
 # --------------------------------------------------------------------------- conditioning networks
 
 
-class LabelEmbedding(nn.Module):
-    """Class labels ``(B,)`` (integers in ``0..num_classes-1``) to a context ``(B, dim)``."""
+class ClassLabels(nn.Module):
+    """Class labels ``(B,)`` (integers in ``0..num_classes-1``), checked and passed on as they are.
 
-    def __init__(self, num_classes: int, dim: int):
+    The conditioner of a model whose prior takes the labels themselves (:func:`cond_gin`);
+    :class:`LabelEmbedding` adds an embedding.
+    """
+
+    def __init__(self, num_classes: int):
         super().__init__()
-        if num_classes < 2 or dim < 1:
-            raise ValueError(f"LabelEmbedding: needs num_classes >= 2 and dim >= 1, got "
-                             f"{num_classes}, {dim}")
-        self.num_classes, self.dim = num_classes, dim
-        self.embedding = nn.Embedding(num_classes, dim)
+        if num_classes < 2:
+            raise ValueError(f"{type(self).__name__}: needs num_classes >= 2, got {num_classes}")
+        self.num_classes = num_classes
+
+    def _device(self) -> torch.device | None:
+        return None
 
     def describe(self) -> str:
         return f"class labels of shape (B,) with values in 0..{self.num_classes - 1}"
 
     def example(self, batch: int) -> Tensor:
         """A valid condition for ``batch`` samples (labels ``0, 1, ..., K-1, 0, ...``)."""
-        return torch.arange(batch, device=self.embedding.weight.device) % self.num_classes
+        return torch.arange(batch, device=self._device()) % self.num_classes
 
     def check(self, labels, owner: str) -> Tensor:
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"{owner}: the condition must be a tensor of {self.describe()}, got "
-                            f"{type(labels).__name__}")
-        if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
-            raise ValueError(f"{owner}: expects {self.describe()}, got a {labels.dtype} tensor of "
-                             f"shape {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"{owner}: labels must lie in 0..{self.num_classes - 1}, got values in "
-                             f"{int(labels.min())}..{int(labels.max())}")
-        return labels
+        return check_labels(labels, self.num_classes, owner)
 
     def expand(self, labels, n: int, owner: str) -> Tensor:
         """``n`` labels from one label (int or 0-d / 1-element tensor) or from ``n`` labels."""
-        device = self.embedding.weight.device
-        if isinstance(labels, int):
-            labels = torch.full((n,), labels, dtype=torch.long, device=device)
-        elif isinstance(labels, Tensor) and labels.numel() == 1 and n != 1:
-            labels = labels.reshape(1).expand(n)
-        return self.check(labels, owner)
+        return expand_labels(labels, n, self.num_classes, owner, self._device())
+
+    def forward(self, labels: Tensor) -> Tensor:
+        return self.check(labels, type(self).__name__)  # (B,)
+
+
+class LabelEmbedding(ClassLabels):
+    """Class labels ``(B,)`` (integers in ``0..num_classes-1``) to a context ``(B, dim)``."""
+
+    def __init__(self, num_classes: int, dim: int):
+        if num_classes < 2 or dim < 1:
+            raise ValueError(f"LabelEmbedding: needs num_classes >= 2 and dim >= 1, got "
+                             f"{num_classes}, {dim}")
+        super().__init__(num_classes)
+        self.dim = dim
+        self.embedding = nn.Embedding(num_classes, dim)
+
+    def _device(self) -> torch.device:
+        return self.embedding.weight.device
 
     def forward(self, labels: Tensor) -> Tensor:
         return self.embedding(self.check(labels, type(self).__name__))  # (B, dim)
@@ -355,6 +368,84 @@ class ConditionalVectorFlow(ConditionalFlow):
         return self.flow.inverse(z, context=self.context_of(context, z.shape[0], "inverse"))
 
 
+class MixturePriorFlow(ConditionalFlow):
+    r"""A flow on vectors with a learned Gaussian per class as its prior: GIN's model.
+
+    The bijection :math:`z = T(x)` does not see the label; the prior
+    :math:`p(z \mid y) = \mathcal N(z; \mu_y, \operatorname{diag} \sigma_y^2)` is a
+    :class:`~revtrain.flows.ClassConditionalGaussian` (Sorrenson et al. 2020):
+
+    .. math::
+        \log p(x \mid y) = \log \mathcal N(T(x); \mu_y, \sigma_y^2)
+            + \log\left|\det \frac{\partial T}{\partial x}\right|, \qquad
+        \log p(x) = \operatorname{logsumexp}_y \left(\log p(x \mid y) + \log p(y)\right).
+
+    With GIN's volume-preserving couplings the log-det is 0 and the :math:`\sigma_y` carry
+    all of the scale. As every conditional model here, ``forward_and_log_det(x, y)`` returns the
+    standardised latent :math:`\epsilon = (T(x) - \mu_y) / \sigma_y` (standard normal under the
+    model) with log-det :math:`\log|\det \partial T / \partial x| - \sum_i \log \sigma_{y,i}`,
+    so ``log_prob(x, context=y)`` and ``sample(n, context=y, temperature)`` are those of
+    :class:`ConditionalFlow`; :meth:`embed` gives GIN's representation :math:`T(x)` itself,
+    :meth:`marginal_log_prob` the label-free density and :meth:`class_log_posterior`
+    :math:`\log p(y \mid x)`.
+
+    Args:
+        dim: ``D``; input ``(B, ...)`` with ``D`` entries per sample is flattened.
+        flow: the bijection, a stack from ``(B, D)`` to ``(B, D)``.
+        num_classes: ``K``.
+        init_scale, learn_weights: of the :class:`~revtrain.flows.ClassConditionalGaussian`.
+    """
+
+    def __init__(self, dim: int, flow: ReversibleSequential, num_classes: int,
+                 init_scale: float = 1.0, learn_weights: bool = False):
+        super().__init__()
+        self.num_dims = dim
+        self.conditioner = ClassLabels(num_classes)
+        self.flow = flow
+        self.mixture = ClassConditionalGaussian(num_classes, dim, init_scale, learn_weights)
+
+    def _flat(self, x: Tensor, owner: str) -> Tensor:
+        if x.dim() < 2 or x[0].numel() != self.num_dims:
+            raise ValueError(f"{type(self).__name__}.{owner}: expects vectors (B, {self.num_dims}) or "
+                             f"samples of {self.num_dims} entries, got shape {tuple(x.shape)}")
+        return x.flatten(1)  # (B, D)
+
+    def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""GIN's latent :math:`z = T(x)` ``(B, D)`` (no label needed) and the flow's log-det."""
+        return self.flow.forward_and_log_det(self._flat(x, "embed"))
+
+    def forward_and_log_det(self, x: Tensor, context=None) -> tuple[Tensor, Tensor]:
+        x = self._flat(x, "forward")
+        labels = self.context_of(context, x.shape[0], "forward")
+        z, log_det = self.flow.forward_and_log_det(x)
+        eps, ld = self.mixture.standardize(z, labels)
+        return eps, log_det + ld  # (B, D), (B,)
+
+    def inverse(self, z: Tensor, context=None) -> Tensor:
+        if z.dim() != 2 or z.shape[1] != self.num_dims:
+            raise ValueError(f"{type(self).__name__}.inverse: expects latents (B, {self.num_dims}), got "
+                             f"shape {tuple(z.shape)}")
+        labels = self.context_of(context, z.shape[0], "inverse")
+        return self.flow.inverse(self.mixture.unstandardize(z, labels))
+
+    def log_prob(self, x: Tensor, context=None) -> Tensor:
+        r""":math:`\log p(x \mid y)` per sample ``(B,)``, in nats; ``context`` the labels ``(B,)``."""
+        x = self._flat(x, "log_prob")
+        labels = self.context_of(context, x.shape[0], "log_prob")
+        z, log_det = self.flow.forward_and_log_det(x)
+        return self.mixture.log_prob(z, labels) + log_det
+
+    def marginal_log_prob(self, x: Tensor) -> Tensor:
+        r""":math:`\log p(x) = \log \sum_y p(y)\, p(x \mid y)` per sample ``(B,)`` (no label)."""
+        z, log_det = self.embed(x)
+        return self.mixture.marginal_log_prob(z) + log_det
+
+    def class_log_posterior(self, x: Tensor) -> Tensor:
+        r""":math:`\log p(y \mid x)` ``(B, K)``: Bayes' rule on the prior (the log-det cancels)."""
+        z, _ = self.embed(x)
+        return self.mixture.class_log_posterior(z)
+
+
 class ConditionalMultiScaleFlow(ConditionalFlow):
     """A class-conditional multi-scale image flow (see :func:`cond_realnvp`, :func:`cond_glow`).
 
@@ -566,6 +657,32 @@ def cond_glow_digits(**kwargs) -> ConditionalMultiScaleFlow:
     kwargs = {"in_channels": 1, "image_size": 8, "levels": 2, "steps": 8, "hidden": 32,
               "num_classes": 10, "embed_dim": 8, **kwargs}
     return cond_glow(**kwargs)
+
+
+@register_model(input_size=(2,), paper="GIN (Sorrenson et al. 2020)")
+def cond_gin(dim: int = 2, num_classes: int = 8, num_layers: int = 8, hidden: int = 64,
+             depth: int = 2, clamp: float = 2.0, init_scale: float = 1.0, learn_weights: bool = False,
+             memory: MemoryMode | str = MemoryMode.REVERSIBLE) -> MixturePriorFlow:
+    """GIN (Sorrenson et al. 2020): volume-preserving couplings and a learned Gaussian per class.
+
+    The bijection is :func:`revtrain.models.gin` (``num_layers`` affine half couplings with
+    alternating masks whose log-scales sum to 0 per sample, MLPs of ``depth`` hidden layers of
+    width ``hidden``: log-det exactly 0), the prior a
+    :class:`~revtrain.flows.ClassConditionalGaussian` with ``num_classes`` classes (learned
+    means, random at ``init_scale``, and log-stds; uniform class weights unless
+    ``learn_weights``). Condition: labels ``(B,)``.
+    """
+    flow = gin(dim=dim, num_layers=num_layers, hidden=hidden, depth=depth, clamp=clamp,
+               memory=memory).flow
+    return MixturePriorFlow(dim, flow, num_classes, init_scale, learn_weights)
+
+
+@register_model(input_size=(64,), paper="GIN (Sorrenson et al. 2020)")
+@variant_of(cond_gin)
+def cond_gin_digits(**kwargs) -> MixturePriorFlow:
+    """:func:`cond_gin` for scikit-learn's 8x8 digits (64 entries per image, 10 classes), width 128."""
+    kwargs = {"dim": 64, "num_classes": 10, "num_layers": 8, "hidden": 128, **kwargs}
+    return cond_gin(**kwargs)
 
 
 # --------------------------------------------------------------------------- i-RIM toy

@@ -16,7 +16,14 @@ from .dequant import (
     VariationalDequantization,
     bits_per_dim,
 )
-from .distributions import StandardLogistic, StandardNormal, make_prior
+from .distributions import (
+    ClassConditionalGaussian,
+    StandardLogistic,
+    StandardNormal,
+    check_labels,
+    expand_labels,
+    make_prior,
+)
 from .invconv import InvConv1x1, InvConv1x1LU
 from .masks import ChannelMask, CheckerboardMask, CheckerboardNet
 from .multiscale import GaussianSplit, LearnedTopPrior, split_sizes
@@ -29,6 +36,7 @@ __all__ = [
     "ChannelMask",
     "CheckerboardMask",
     "CheckerboardNet",
+    "ClassConditionalGaussian",
     "ConvNet",
     "DiagonalScaling",
     "GaussianSplit",
@@ -44,6 +52,8 @@ __all__ = [
     "UniformDequantization",
     "VariationalDequantization",
     "bits_per_dim",
+    "check_labels",
+    "expand_labels",
     "make_prior",
     "split_sizes",
 ]
