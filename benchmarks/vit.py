@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--digits-out", type=Path, default=RESULTS / "vit_digits.json",
+                        help="JSON of the digits part (default benchmarks/results/vit_digits.json)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="digits: train the reversible model and its stored twin for seeds "
                              "0 .. N-1 (the same seed for both of a pair)")
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         report = {"environment": environment(),
                   "digits": digits(2 if args.quick else args.epochs, args.seeds)}
         if not args.quick:
-            write_json(RESULTS / "vit_digits.json", report)
+            write_json(args.digits_out, report)
 
 
 if __name__ == "__main__":
