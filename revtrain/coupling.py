@@ -407,26 +407,17 @@ class Coupling(InvertibleModule):
         # in backward keeps x2 for f's backward and x for the layer before). Writes go through
         # .data where a view of the same memory may already be saved (its version must not change)
         dim = self.split.dim
-        if overwrite:
-            if self.g is None:
-                x = y  # x2 = y2 already; nothing of this coupling saved y1
-            else:
-                x2_in_y = self.split.split(y.data)[1]  # nothing saved y2; g saved y1 (a view of y)
-                self.transform.inverse(y2, self._params("g", self.g, y1, y2, context), dim,
-                                       out=x2_in_y)
-                if (yield "g"):
-                    x = y  # what g saved of y1 has been used: x1 may go over it
-                else:
-                    x = torch.empty_like(y)
-                    self.split.split(x)[1].copy_(x2_in_y)
-        else:
-            x = torch.empty_like(y)
-            x1, x2 = self.split.split(x)
-            if self.g is None:
+        x = y if overwrite else torch.empty_like(y)
+        x2 = self.split.split(x.data)[1]  # with overwrite: over y2, which nothing saved
+        if self.g is None:
+            if not overwrite:
                 x2.copy_(y2)
-            else:
-                self.transform.inverse(y2, self._params("g", self.g, y1, y2, context), dim, out=x2)
-                yield "g"
+        else:
+            self.transform.inverse(y2, self._params("g", self.g, y1, y2, context), dim, out=x2)
+            used = yield "g"
+            if overwrite and not used:  # what g saved of y1 is still to be used: not over it
+                x = torch.empty_like(y)
+                self.split.split(x)[1].copy_(x2)
         h = self._params("f", self.f, self.split.split(x)[1], y1, context)
         self.transform.inverse(y1, h, dim, out=self.split.split(x.data)[0])
         yield "f"
