@@ -28,8 +28,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .coupling import Additive, ChannelSplit, Coupling
+from .engine import INVERT, RECOMPUTE, RECORD, current_recorder
 from .modes import MemoryMode, MemoryModeMixin
 from .sequential import ReversibleSequential
 
@@ -114,9 +116,90 @@ class SelfAttention(nn.Module):
         return drop_path(o, self.drop_path, self.training)
 
 
+class _NormLinear(torch.autograd.Function):
+    """``linear(layer_norm(x))`` that saves ``x`` instead of the normalized input: the LayerNorm
+    is recomputed in backward (its statistics are exact: the same formula on the same ``x``)."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, weight, bias, eps):
+        d = x.shape[-1]
+        ctx.eps = eps
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight)
+        return F.linear(F.layer_norm(x, (d,), norm_weight, norm_bias, eps), weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, norm_weight, norm_bias, weight = ctx.saved_tensors
+        need_x, need_nw, need_nb, need_w, need_b, _ = ctx.needs_input_grad
+        d = x.shape[-1]
+        u, mean, rstd = torch.native_layer_norm(x, (d,), norm_weight, norm_bias, ctx.eps)
+        g2 = grad.reshape(-1, grad.shape[-1])  # (M, hidden)
+        grad_w = g2.t().mm(u.reshape(-1, d)) if need_w else None
+        del u
+        grad_b = g2.sum(0) if need_b else None
+        grad_x = grad_nw = grad_nb = None
+        if need_x or need_nw or need_nb:
+            grad_u = grad.matmul(weight)  # (..., D)
+            grad_x, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
+                grad_u, x, (d,), mean, rstd, norm_weight, norm_bias, [need_x, need_nw, need_nb])
+        return grad_x, grad_nw, grad_nb, grad_w, grad_b, None
+
+
+class _GeluLinear(torch.autograd.Function):
+    """``linear(gelu(h))`` that saves ``h`` only: ``gelu(h)`` is recomputed in backward, a block of
+    rows at a time, and the gradient of ``h`` is written block by block into one buffer, so the
+    backward holds ``h``, that buffer and one block instead of three ``h``-sized tensors."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, approximate, rows):
+        ctx.approximate, ctx.rows = approximate, rows
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(h, approximate=approximate), weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        need_h, need_w, need_b, _, _ = ctx.needs_input_grad
+        k = h.shape[-1]
+        h2 = h.reshape(-1, k)  # (M, hidden)
+        g2 = grad.reshape(-1, grad.shape[-1])  # (M, D)
+        grad_h = torch.empty_like(h2) if need_h else None
+        grad_w = h2.new_zeros(weight.shape) if need_w else None
+        for start in range(0, h2.shape[0], ctx.rows):
+            hc, gc = h2[start:start + ctx.rows], g2[start:start + ctx.rows]
+            if need_w:
+                grad_w.addmm_(gc.t(), F.gelu(hc, approximate=ctx.approximate))
+            if need_h:
+                out = grad_h[start:start + ctx.rows]
+                torch.mm(gc, weight, out=out)
+                torch.ops.aten.gelu_backward.grad_input(out, hc, approximate=ctx.approximate,
+                                                        grad_input=out)
+        grad_b = g2.sum(0) if need_b else None
+        return (grad_h.view(h.shape) if need_h else None), grad_w, grad_b, None, None
+
+
+_BLOCK_ELEMENTS = 1 << 18  # rows of the hidden activation recomputed at a time: ~1 MiB in float32
+
+
+def _plain_tensor(t: Tensor | None) -> bool:
+    return t is None or type(t) in (Tensor, nn.Parameter)
+
+
 class TransformerMLP(nn.Module):
     r"""The stream-2 sub-network :math:`x \mapsto \mathrm{DropPath}(\mathrm{MLP}(\mathrm{LN}(x)))`,
-    ``D -> hidden -> D`` with GELU; ``(B, N, D) -> (B, N, D)``. Ignores the context."""
+    ``D -> hidden -> D`` with GELU; ``(B, N, D) -> (B, N, D)``. Ignores the context.
+
+    Inside a reversible stack (where everything it saves is rebuilt in backward anyway) it saves
+    less than ordinary autograd: the LayerNorm's output and the GELU's output are recomputed in
+    its own backward (the GELU a block of rows at a time), so the peak of its backward holds the
+    hidden activation and its gradient, not three hidden-sized tensors. The gradients are those of
+    the same formulas (equal to the stored twin's to rounding). Anywhere else, and whenever this
+    would hide something from the caller (hooks on the MLP's inner modules, hidden dropout in
+    training, autocast, tensor subclasses, ``torch.func`` transforms), it runs as ordinary
+    modules.
+    """
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0, drop_path: float = 0.0,
                  eps: float = 1e-6):
@@ -129,8 +212,32 @@ class TransformerMLP(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        h = self.drop(self.act(self.fc1(self.norm(x))))  # (B, N, hidden)
-        return drop_path(self.drop(self.fc2(h)), self.drop_path, self.training)
+        if self._recomputes(x):
+            norm, fc1, fc2 = self.norm, self.fc1, self.fc2
+            h = _NormLinear.apply(x, norm.weight, norm.bias, fc1.weight, fc1.bias, norm.eps)
+            rows = max(1, _BLOCK_ELEMENTS // max(h.shape[-1], 1))
+            out = _GeluLinear.apply(h, fc2.weight, fc2.bias, self.act.approximate, rows)
+        else:
+            h = self.drop(self.act(self.fc1(self.norm(x))))  # (B, N, hidden)
+            out = self.fc2(h)
+        return drop_path(self.drop(out), self.drop_path, self.training)
+
+    def _recomputes(self, x: Tensor) -> bool:
+        """Whether this call saves the LayerNorm's input and the hidden pre-activation only."""
+        recorder = current_recorder()
+        if recorder is None or recorder.call is None or recorder.mode not in _REBUILT_MODES:
+            return False
+        if (self.training and self.drop.p > 0) or torch.is_autocast_enabled(x.device.type):
+            return False
+        if torch._C._are_functorch_transforms_active() or type(self.act) is not nn.GELU:
+            return False
+        parts = (self.norm, self.fc1, self.act, self.fc2, self.drop)
+        if _global_module_hooks() or any(_module_hooks(m) for m in parts):
+            return False
+        if self.norm.weight is None or self.norm.normalized_shape != (x.shape[-1],):
+            return False
+        return all(_plain_tensor(t) for t in (x, self.norm.weight, self.norm.bias, self.fc1.weight,
+                                               self.fc1.bias, self.fc2.weight, self.fc2.bias))
 
 
 class ReversibleTransformerBlock(Coupling):
@@ -264,6 +371,20 @@ class ReversibleTransformer(MemoryModeMixin, nn.Module):
             return self.proj(h)  # (B, N, D)
         h1, h2 = h.chunk(2, dim=-1)
         return (h1 + h2) * 0.5  # (B, N, D)
+
+
+_REBUILT_MODES = (RECORD, RECOMPUTE, INVERT)
+
+
+def _module_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as _m
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks
+                or _m._global_backward_hooks or _m._global_backward_pre_hooks)
 
 
 def _check_arguments(owner: str, dim: int, num_heads: int, mlp_ratio: float,
