@@ -11,10 +11,18 @@ per channel; with ``normalize=False`` (flows) they stay in ``[0, 1]`` on a grid 
 
 Downloads happen only in ``prepare_data`` and only when ``download=True``; a missing data
 directory raises :class:`FileNotFoundError` that says where the files were looked for.
+
+The CIFAR and ImageNet DataModules also take the DeiT / Rev-ViT augmentations of the
+training split, all off by default: ``randaugment`` (torchvision's ``RandAugment``),
+``color_jitter`` (``ColorJitter``) and ``random_erasing`` (``RandomErasing``). The training
+pipeline is crop / flip, then RandAugment and colour jitter on the PIL image, then
+``ToTensor`` / ``Normalize``, then random erasing on the standardised tensor (timm's order);
+validation and test images never see them.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -186,6 +194,72 @@ class _ShiftAugment(Dataset):
         return x, y
 
 
+def _check_augmentation(owner: str, randaugment, randaugment_bins: int, color_jitter: float,
+                        random_erasing: float, normalize: bool) -> tuple[int, int] | None:
+    """Check the RandAugment / colour jitter / random erasing arguments of ``owner``; returns
+    ``randaugment`` as a ``(num_ops, magnitude)`` tuple, or ``None`` (off)."""
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not integer(randaugment_bins) or randaugment_bins < 2:
+        raise ValueError(f"{owner}: randaugment_bins must be an integer >= 2 (torchvision's "
+                         f"default 31; 11 puts magnitudes on timm's 0..10 scale), "
+                         f"got {randaugment_bins!r}")
+    if randaugment is not None:
+        if not isinstance(randaugment, (tuple, list)) or len(randaugment) != 2 \
+                or not all(integer(v) for v in randaugment):
+            raise ValueError(f"{owner}: randaugment must be [num_ops, magnitude], two integers "
+                             f"(e.g. [2, 9]), or null (off); got {randaugment!r}")
+        num_ops, magnitude = randaugment
+        if num_ops < 1:
+            raise ValueError(f"{owner}: randaugment num_ops must be >= 1, got {num_ops}; "
+                             "set randaugment: null to turn RandAugment off")
+        if not 0 <= magnitude < randaugment_bins:
+            raise ValueError(
+                f"{owner}: randaugment magnitude must lie in 0..{randaugment_bins - 1} (the "
+                f"magnitude bins of RandAugment, randaugment_bins={randaugment_bins}), got "
+                f"{magnitude}; choose a magnitude in that range or raise randaugment_bins")
+        randaugment = (num_ops, magnitude)
+    if not (math.isfinite(color_jitter) and color_jitter >= 0):
+        raise ValueError(f"{owner}: color_jitter must be >= 0 (0 is off, DeiT's is 0.4), "
+                         f"got {color_jitter}")
+    if not 0.0 <= random_erasing <= 1.0:
+        raise ValueError(f"{owner}: random_erasing is a probability and must lie in [0, 1] "
+                         f"(0 is off, DeiT's is 0.25), got {random_erasing}")
+    if random_erasing and not normalize:
+        raise ValueError(f"{owner}: random_erasing fills with N(0, 1) noise, i.e. standardised "
+                         "pixels, but normalize is false; set normalize true or random_erasing 0")
+    return randaugment
+
+
+def _color_steps(randaugment: tuple[int, int] | None, randaugment_bins: int,
+                 color_jitter: float, mean: tuple[float, ...]) -> list:
+    """The PIL-space training steps after crop / flip: RandAugment, then colour jitter
+    (brightness, contrast and saturation, no hue, as timm's scalar ``color_jitter``). Pixels
+    that RandAugment's geometric ops uncover are filled with the data set's mean colour (timm's
+    ``img_mean``), resampled bicubically (DeiT's interpolation)."""
+    from torchvision import transforms as T
+
+    steps = []
+    if randaugment is not None:
+        num_ops, magnitude = randaugment
+        steps.append(T.RandAugment(num_ops, magnitude, randaugment_bins,
+                                   interpolation=T.InterpolationMode.BICUBIC,
+                                   fill=[round(255 * m) for m in mean]))
+    if color_jitter:
+        steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    return steps
+
+
+def _erasing_steps(random_erasing: float) -> list:
+    """The tensor-space training step after ``Normalize``: with probability ``random_erasing``
+    one rectangle (2-33 % of the area, aspect 0.3-3.3) is replaced by N(0, 1) noise per pixel
+    (timm's ``re_mode="pixel"``, ``re_count=1``)."""
+    from torchvision import transforms as T
+
+    return [T.RandomErasing(p=random_erasing, value="random")] if random_erasing else []
+
+
 _CIFAR_STATS = {
     10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -209,6 +283,10 @@ class _CIFARDataModule(_ImageDataModule):
         seed: int = 0,
         num_workers: int | None = None,
         eval_batch_size: int | None = None,
+        randaugment: tuple[int, int] | None = None,
+        randaugment_bins: int = 31,
+        color_jitter: float = 0.0,
+        random_erasing: float = 0.0,
     ):
         super().__init__(batch_size, num_workers, eval_batch_size)
         if val_size < 0:
@@ -219,6 +297,11 @@ class _CIFARDataModule(_ImageDataModule):
         self.augment = augment
         self.normalize = normalize
         self.seed = seed
+        self.randaugment = _check_augmentation(type(self).__name__, randaugment, randaugment_bins,
+                                               color_jitter, random_erasing, normalize)
+        self.randaugment_bins = randaugment_bins
+        self.color_jitter = color_jitter
+        self.random_erasing = random_erasing
 
     def _dataset_class(self):
         from torchvision import datasets
@@ -241,9 +324,14 @@ class _CIFARDataModule(_ImageDataModule):
             steps.append(T.RandomHorizontalFlip())
         elif self.augment not in ("crop_flip", "flip", "none"):
             raise ValueError(f"augment must be 'crop_flip', 'flip' or 'none', got {self.augment!r}")
+        mean, std = _CIFAR_STATS[self.num_classes]
+        if train:
+            steps += _color_steps(self.randaugment, self.randaugment_bins, self.color_jitter, mean)
         steps.append(T.ToTensor())
         if self.normalize:
-            steps.append(T.Normalize(*_CIFAR_STATS[self.num_classes]))
+            steps.append(T.Normalize(mean, std))
+        if train:
+            steps += _erasing_steps(self.random_erasing)
         return T.Compose(steps)
 
     def setup(self, stage: str | None = None) -> None:
@@ -277,9 +365,10 @@ class CIFAR10DataModule(_CIFARDataModule):
     """CIFAR-10 through :class:`torchvision.datasets.CIFAR10` (pickled batches on disk).
 
     Standard augmentation in training: 4-pixel zero padding with a random 32x32 crop and a
-    random horizontal flip. With ``val_size=0`` (default) validation runs on the test split,
-    as the RevNet and i-RevNet papers report it; ``val_size=N`` holds out N training images
-    (chosen with ``seed``) instead.
+    random horizontal flip; RandAugment, colour jitter and random erasing (the DeiT / Rev-ViT
+    recipe) are off unless asked for. With ``val_size=0`` (default) validation runs on the test
+    split, as the RevNet and i-RevNet papers report it; ``val_size=N`` holds out N training
+    images (chosen with ``seed``) instead; neither is augmented.
 
     Args:
         root: folder that holds ``cifar-10-batches-py/``.
@@ -292,6 +381,16 @@ class CIFAR10DataModule(_CIFARDataModule):
         seed: seed of the validation hold-out.
         num_workers: DataLoader workers; ``None``: one per core but one, at most 4.
         eval_batch_size: batch size of validation / test (default: ``batch_size``).
+        randaugment: ``(num_ops, magnitude)`` of torchvision's ``RandAugment`` after crop /
+            flip (DeiT: ``(2, 9)``), or ``None`` (default: off). ``magnitude`` is a bin in
+            ``0..randaugment_bins - 1``.
+        randaugment_bins: number of RandAugment magnitude levels: torchvision's 31 (default)
+            or 11, which makes ``magnitude`` timm's ``m`` (each op at ``m / 10`` of its range).
+        color_jitter: brightness, contrast and saturation jitter of ``ColorJitter`` (DeiT's
+            ``--color-jitter`` 0.4; 0, the default, is off).
+        random_erasing: probability that ``RandomErasing`` replaces one rectangle of the
+            standardised image by N(0, 1) noise (DeiT: 0.25; default 0, off; needs
+            ``normalize``).
     """
 
     num_classes = 10
@@ -314,8 +413,9 @@ class ImageNetDataModule(_ImageDataModule):
 
     ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG`` (validation images moved
     into class folders, e.g. with the usual ``valprep.sh``). Training: random resized crop to
-    ``image_size`` and horizontal flip; evaluation: resize to ``resize_size``, centre crop.
-    The test split is the validation split.
+    ``image_size`` and horizontal flip, then RandAugment, colour jitter and random erasing when
+    asked for (off by default; as :class:`CIFAR10DataModule`); evaluation: resize to
+    ``resize_size``, centre crop. The test split is the validation split.
 
     Args:
         root: folder with ``train/`` and ``val/``.
@@ -327,6 +427,8 @@ class ImageNetDataModule(_ImageDataModule):
         normalize: standardise with the ImageNet mean / std.
         num_workers: DataLoader workers; ``None``: one per core but one, at most 8.
         eval_batch_size: batch size of validation / test (default: ``batch_size``).
+        randaugment, randaugment_bins, color_jitter, random_erasing: training augmentations
+            as in :class:`CIFAR10DataModule` (all off by default).
     """
 
     max_auto_workers = 8
@@ -341,6 +443,10 @@ class ImageNetDataModule(_ImageDataModule):
         normalize: bool = True,
         num_workers: int | None = None,
         eval_batch_size: int | None = None,
+        randaugment: tuple[int, int] | None = None,
+        randaugment_bins: int = 31,
+        color_jitter: float = 0.0,
+        random_erasing: float = 0.0,
     ):
         super().__init__(batch_size, num_workers, eval_batch_size)
         self.root = os.path.expanduser(root)
@@ -349,17 +455,27 @@ class ImageNetDataModule(_ImageDataModule):
         self.num_classes = num_classes
         self.input_shape = (3, image_size, image_size)
         self.normalize = normalize
+        self.randaugment = _check_augmentation("ImageNetDataModule", randaugment,
+                                               randaugment_bins, color_jitter, random_erasing,
+                                               normalize)
+        self.randaugment_bins = randaugment_bins
+        self.color_jitter = color_jitter
+        self.random_erasing = random_erasing
 
     def _transforms(self, train: bool):
         from torchvision import transforms as T
 
+        mean, std = _IMAGENET_STATS
         if train:
             steps = [T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip()]
+            steps += _color_steps(self.randaugment, self.randaugment_bins, self.color_jitter, mean)
         else:
             steps = [T.Resize(self.resize_size), T.CenterCrop(self.image_size)]
         steps.append(T.ToTensor())
         if self.normalize:
-            steps.append(T.Normalize(*_IMAGENET_STATS))
+            steps.append(T.Normalize(mean, std))
+        if train:
+            steps += _erasing_steps(self.random_erasing)
         return T.Compose(steps)
 
     def setup(self, stage: str | None = None) -> None:
