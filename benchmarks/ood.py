@@ -165,6 +165,62 @@ def plot(bpd: dict[str, torch.Tensor], train_mean: float, path: Path) -> None:
     plt.close(fig)
 
 
+def evaluate_seed(name: str, train: torch.Tensor, held_out: torch.Tensor, test: torch.Tensor,
+                  epochs: int, seed: int, batch_sizes: list[int], batches: int) -> dict[str, Any]:
+    """Train one flow (``seed``) and score the test digits and every OOD set with it.
+
+    Seed 0 is the single run this script has always made (training seed 0, dequantization
+    draws from seed 2, typicality batches from seed 3); seed ``s`` shifts all three by ``s``."""
+    started = time.perf_counter()
+    model, curve = train_flow(name, train, epochs, seed=seed)
+    train_seconds = time.perf_counter() - started
+    torch.manual_seed(2 + seed)
+    held_bpd = per_image_bpd(model, held_out)
+    train_mean = float(held_bpd.mean())
+    bpd = {"test digits": per_image_bpd(model, test)}
+    for set_name, x in ood_sets(test).items():
+        bpd[set_name] = per_image_bpd(model, x)
+    gen = torch.Generator().manual_seed(3 + seed)
+    rows = []
+    for set_name, values in bpd.items():
+        if set_name == "test digits":
+            continue
+        row: dict[str, Any] = {
+            "set": set_name, "images": len(values), "mean_bpd": float(values.mean()),
+            "median_bpd": float(values.median()),
+            "frac_below_test_median": float((values < bpd["test digits"].median()).double().mean()),
+            "auroc_likelihood": auroc(bpd["test digits"], values),
+        }
+        for m in batch_sizes:
+            row[f"auroc_typicality_M{m}"] = auroc(
+                typicality_scores(bpd["test digits"], train_mean, m, batches, gen),
+                typicality_scores(values, train_mean, m, batches, gen))
+        rows.append(row)
+        print(f"seed {seed} {set_name:9s} mean {row['mean_bpd']:8.3f} bits/dim  AUROC likelihood "
+              f"{row['auroc_likelihood']:.3f}  "
+              + "  ".join(f"typicality M={m} {row[f'auroc_typicality_M{m}']:.3f}"
+                          for m in batch_sizes), flush=True)
+    return {"seed": seed, "rows": rows, "bpd": bpd, "train_mean": train_mean, "curve": curve,
+            "train_seconds": train_seconds}
+
+
+def seed_summary(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    """Mean, sample std (n - 1; None for one seed), min and max of each key, per OOD set."""
+    out: dict[str, Any] = {}
+    for i, row in enumerate(runs[0]["rows"]):
+        out[row["set"]] = {}
+        for key in keys:
+            values = [r["rows"][i][key] for r in runs]
+            n = len(values)
+            mean = sum(values) / n
+            std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else None
+            out[row["set"]][key] = {"per_seed": [round(v, 4) for v in values],
+                                    "mean": round(mean, 4),
+                                    "std": None if std is None else round(std, 4),
+                                    "min": round(min(values), 4), "max": round(max(values), 4)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["realnvp", "spline_realnvp"], default="realnvp")
@@ -176,7 +232,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="1 epoch smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS / "ood.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train N flows (seeds 0 .. N-1) and report each AUROC's mean and "
+                             "spread; the top-level figures and the plot are seed 0's")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     torch.set_num_threads(args.threads)
     env = environment()
     started = time.perf_counter()
@@ -184,35 +245,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     train_all, test = load_digits_split()
     train, held_out = train_all[:1200], train_all[1200:]
-    model, curve = train_flow(args.model, train, epochs)
-    train_seconds = time.perf_counter() - started
-    torch.manual_seed(2)
-    held_bpd = per_image_bpd(model, held_out)
-    train_mean = float(held_bpd.mean())
-    bpd = {"test digits": per_image_bpd(model, test)}
-    for name, x in ood_sets(test).items():
-        bpd[name] = per_image_bpd(model, x)
-
-    gen = torch.Generator().manual_seed(3)
-    rows = []
-    for name, values in bpd.items():
-        if name == "test digits":
-            continue
-        row: dict[str, Any] = {
-            "set": name, "images": len(values), "mean_bpd": float(values.mean()),
-            "median_bpd": float(values.median()),
-            "frac_below_test_median": float((values < bpd["test digits"].median()).double().mean()),
-            "auroc_likelihood": auroc(bpd["test digits"], values),
-        }
-        for m in args.batch_sizes:
-            row[f"auroc_typicality_M{m}"] = auroc(
-                typicality_scores(bpd["test digits"], train_mean, m, args.batches, gen),
-                typicality_scores(values, train_mean, m, args.batches, gen))
-        rows.append(row)
-        print(f"{name:9s} mean {row['mean_bpd']:8.3f} bits/dim  AUROC likelihood "
-              f"{row['auroc_likelihood']:.3f}  "
-              + "  ".join(f"typicality M={m} {row[f'auroc_typicality_M{m}']:.3f}"
-                          for m in args.batch_sizes), flush=True)
+    runs = []
+    for seed in range(args.seeds):
+        t0 = time.perf_counter()
+        runs.append(evaluate_seed(args.model, train, held_out, test, epochs, seed,
+                                  args.batch_sizes, args.batches))
+        runs[-1]["train_seconds"] = round(runs[-1]["train_seconds"], 1)
+        runs[-1]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"seed {seed}: {runs[-1]['seconds']} s", flush=True)
+    first = runs[0]
+    rows, bpd, train_mean, curve = first["rows"], first["bpd"], first["train_mean"], first["curve"]
+    train_seconds = first["train_seconds"]
     env["total_seconds"] = round(time.perf_counter() - started, 1)
     report = {
         "environment": env,
@@ -229,6 +272,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "constant_bpd_by_level": [round(float(v), 3) for v in
                                   bpd["constant"][:LEVELS]],  # image i is level i mod 17
     }
+    if args.seeds > 1:
+        keys = ["mean_bpd", "auroc_likelihood"] + [f"auroc_typicality_M{m}" for m in args.batch_sizes]
+        report["seeds"] = {
+            "n": args.seeds,
+            "test_mean_bpd": [round(float(r["bpd"]["test digits"].mean()), 4) for r in runs],
+            "seconds": [r["seconds"] for r in runs],
+            "ood": seed_summary(runs, keys),
+            "statistics": "std is the sample standard deviation (n - 1) over seeds",
+        }
+        for set_name, cols in report["seeds"]["ood"].items():
+            print(f"{set_name:9s} over {args.seeds} seeds: " + "  ".join(
+                f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in cols.items()), flush=True)
     print(f"test digits mean {report['test_mean_bpd']:.3f} bits/dim, held-out train mean "
           f"{train_mean:.3f}; {env['total_seconds']} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

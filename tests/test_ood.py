@@ -73,3 +73,29 @@ def test_quick_run_writes_json_and_png(ood, tmp_path):
         for key in ("auroc_likelihood", "auroc_typicality_M1", "auroc_typicality_M10"):
             assert 0.0 <= row[key] <= 1.0
     assert saved["environment"]["torch"] == torch.__version__
+
+
+def test_quick_run_over_two_seeds_reports_the_spread(ood, tmp_path):
+    out = tmp_path / "ood.json"
+    report = ood.main(["--quick", "--seeds", "2", "--out", str(out), "--batches", "20",
+                       "--threads", str(torch.get_num_threads())])
+    seeds = json.loads(out.read_text())["seeds"]
+    assert seeds["n"] == 2 and len(seeds["test_mean_bpd"]) == 2
+    for set_name, cols in seeds["ood"].items():
+        row = next(r for r in report["ood"] if r["set"] == set_name)
+        for key, col in cols.items():
+            assert len(col["per_seed"]) == 2 and col["min"] <= col["mean"] <= col["max"]
+            assert col["per_seed"][0] == round(row[key], 4)  # the top level is seed 0's
+            assert col["std"] >= 0.0
+    # two different trainings: the flows differ, so do their test likelihoods
+    assert seeds["test_mean_bpd"][0] != seeds["test_mean_bpd"][1]
+
+
+def test_seed_summary_statistics(ood):
+    runs = [{"rows": [{"set": "a", "x": v}]} for v in (1.0, 2.0, 4.0)]
+    col = ood.seed_summary(runs, ["x"])["a"]["x"]
+    assert col["mean"] == round(7 / 3, 4) and col["min"] == 1.0 and col["max"] == 4.0
+    assert col["std"] == round(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) ** 0.5 / 2 ** 0.5, 4)
+    assert ood.seed_summary(runs[:1], ["x"])["a"]["x"]["std"] is None
+    with pytest.raises(SystemExit):
+        ood.main(["--quick", "--seeds", "0"])
