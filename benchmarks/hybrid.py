@@ -55,7 +55,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REVNET_DIGITS_ACC = 99.17  # configs/digits_revnet.yaml, test top-1 (%)
 LATENTS = ("all", "top")
 AUGMENTS = ("none", "shift", "shift-ce")
-DEFAULT_FLOW: dict[str, Any] = {"model": "realnvp", "hidden": 32, "levels": 2, "steps": 4,
+DEFAULT_FLOW: dict[str, Any] = {"model": "glow", "hidden": 64, "levels": 2, "steps": 8,
                                 "coupling_net": "conv", "num_blocks": 2}
 
 
@@ -228,9 +228,9 @@ def train_hybrid(lam: float | None, memory: str, epochs: int, data: tuple[Tensor
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--lam", type=float, nargs="+", default=[0.0, 1.0, 10.0],
+    parser.add_argument("--lam", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 10.0],
                         help="lambdas of the reversible hybrids (nats/dim scaling)")
-    parser.add_argument("--stored-lam", type=float, default=1.0,
+    parser.add_argument("--stored-lam", type=float, default=2.0,
                         help="lambda of the memory='stored' control run")
     parser.add_argument("--model", choices=["realnvp", "glow"], default=DEFAULT_FLOW["model"])
     parser.add_argument("--hidden", type=int, default=DEFAULT_FLOW["hidden"])
