@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from revtrain.flows import UniformDequantization
 from revtrain.models import create
@@ -110,3 +111,52 @@ def test_quick_smoke_run(hybrid, tmp_path):
         assert 0.0 <= row["test_accuracy"] <= 100.0 and row["test_bpd"] > 0
         assert row["memory"] == "reversible" and row["epochs"] == 1
     assert "torch" in saved["environment"] and "load_average_at_start" in saved["environment"]
+
+
+def test_shift_augment_gives_the_revnet_shifts(hybrid):
+    from revtrain.lightning.data import _ShiftAugment
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 17, (60, 1, 8, 8), generator=gen)
+    x[:, :, 3, 3] = 0  # a minimum that is not on the border
+    out = hybrid.shift_augment(x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    torch.manual_seed(0)
+    unshifted = 0
+    for i in range(len(x)):
+        # the nine shifts of image i as the digits RevNet's dataset makes them
+        data = _ShiftAugment(TensorDataset(x[i:i + 1], torch.zeros(1)))
+        shifts = {tuple(data[0][0].flatten().tolist()) for _ in range(80)}
+        assert len(shifts) == 9
+        assert tuple(out[i].flatten().tolist()) in shifts, f"image {i}: not a RevNet shift"
+        unshifted += torch.equal(out[i], x[i])
+    assert 0 < unshifted < len(x) / 4  # about 1 in 9 left as it is
+    # a shift that keeps the wrapped-around row and column is not one of them
+    assert tuple(torch.roll(x[-1], (1, 1), (1, 2)).flatten().tolist()) not in shifts
+
+
+def test_classifier_view_changes_the_ce_only(hybrid):
+    flow, head = _tiny()
+    y, log_q, labels = _batch()
+    y_cls = y.flip(-1)  # another view of the images
+    with torch.no_grad():
+        flow.forward_and_log_det(y)  # ActNorm's data-dependent initialisation
+        _, same = hybrid.joint_loss(flow, head, y, log_q, labels, 1.0)
+        _, both = hybrid.joint_loss(flow, head, y, log_q, labels, 1.0, y_cls)
+        _, cls_only = hybrid.joint_loss(flow, head, y_cls, log_q, labels, 1.0)
+    assert both["bpd"] == pytest.approx(same["bpd"], rel=1e-5)  # likelihood on y
+    assert both["ce"] == pytest.approx(cls_only["ce"], rel=1e-5)  # classifier on y_cls
+    assert both["ce"] != pytest.approx(same["ce"], rel=1e-3)
+
+
+def test_top_latent_head_reads_the_last_level_only(hybrid):
+    flow, _ = _tiny()
+    top = hybrid.top_dims(flow)
+    assert 0 < top < flow.num_dims
+    head = hybrid.LatentHead(flow.num_dims, 10, "top", top)
+    assert head.linear.in_features == top
+    z = torch.randn(3, flow.num_dims, requires_grad=True)
+    head(z).sum().backward()
+    assert z.grad[:, :-top].abs().sum() == 0 and z.grad[:, -top:].abs().sum() > 0
+    with pytest.raises(ValueError, match="latent must be one of"):
+        hybrid.LatentHead(flow.num_dims, 10, "middle", top)
