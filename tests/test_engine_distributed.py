@@ -127,6 +127,50 @@ def _fsdp_worker(rank, world, port):
         dist.destroy_process_group()
 
 
+def _fsdp_transformer_worker(rank, world, port):
+    """FSDP2 over a reversible transformer: each block one unit. Without dropout the blocks' MLPs
+    take their recomputing path (counted), whose inputs are FSDP's unsharded parameters."""
+    _setup(rank, world, port)
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    import revtrain
+    from revtrain import transformer
+
+    calls = []
+    apply = transformer._GeluLinear.apply
+    transformer._GeluLinear.apply = lambda *a: calls.append(1) or apply(*a)
+    try:
+        torch.manual_seed(0)
+        base = revtrain.ReversibleTransformer(dim=8, depth=3, num_heads=2, drop_path=0.2).double()
+        reference = copy.deepcopy(base).set_memory("stored")
+        model = copy.deepcopy(base)
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+        data = torch.randn(2, 2 * world, 5, 8, dtype=torch.float64)
+        for step, batch in enumerate(data):
+            x = batch[rank * 2:(rank + 1) * 2]
+            torch.manual_seed(10 * step + rank)
+            model(x).square().mean().backward()
+            torch.manual_seed(10 * step + rank)
+            reference(x).square().mean().backward()
+            for p in reference.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                _close(p.grad.full_tensor(), q.grad, f"transformer step {step} {name}")
+            opt.step(), opt.zero_grad(), ref_opt.step(), ref_opt.zero_grad()
+        assert len(calls) == 2 * 3 * len(data), "the MLPs' recomputing path, forward and rebuild"
+        dist.barrier()  # both ranks done before the process group goes
+    finally:
+        transformer._GeluLinear.apply = apply
+        dist.destroy_process_group()
+
+
 def _spawn(worker):
     mp.spawn(worker, args=(2, _free_port()), nprocs=2, join=True)
 
@@ -137,3 +181,7 @@ def test_ddp_two_processes_equal_a_single_process_on_the_full_batch():
 
 def test_fsdp2_per_coupling_and_on_the_stack_with_batchnorm_and_dropout():
     _spawn(_fsdp_worker)
+
+
+def test_fsdp2_per_transformer_block_with_drop_path():
+    _spawn(_fsdp_transformer_worker)
