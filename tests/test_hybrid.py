@@ -227,3 +227,17 @@ def test_training_follows_the_schedule_per_step(hybrid, monkeypatch):
     hybrid.train_hybrid(None, "reversible", 1, data, batch=8, lam_end=1.0, ce_warmup=0.5,
                         flow_config=config)
     assert seen == [(None, 1.0, 0.0)] * 4
+
+
+def test_pure_flow_reference_is_trained_with_and_without_weight_decay(hybrid):
+    runs = hybrid.main(["--dry-run", "--lam", "1", "2", "--weight-decay", "0.1"])["runs"]
+    assert runs == [(None, "reversible", "none", 0.1), (None, "reversible", "none", 0.0),
+                    (1.0, "reversible", "none", 0.1), (2.0, "reversible", "none", 0.1),
+                    (2.0, "stored", "none", 0.1)]
+    both = hybrid.main(["--dry-run", "--lam", "1", "--augment", "shift", "--no-stored"])["runs"]
+    assert [r for r in both if r[0] is None] == [
+        (None, "reversible", a, w) for a in ("shift", "none") for w in (0.1, 0.0)]
+    same = hybrid.main(["--dry-run", "--lam", "1", "--pure-weight-decay", "same"])["runs"]
+    assert [r for r in same if r[0] is None] == [(None, "reversible", "none", 0.1)]
+    assert hybrid.main(["--dry-run", "--weight-decay", "0", "--quick"])["runs"] == [
+        (None, "reversible", "none", 0.0), (0.0, "reversible", "none", 0.0)]
