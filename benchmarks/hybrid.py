@@ -36,7 +36,7 @@ shifted copies for the classification term only. Targets: test accuracy within 1
 the digits RevNet (99.17 %) and test bits/dim within 0.1 of the pure flow, in the same run
 (``meets_targets`` per row).
 
-Writes ``benchmarks/results/hybrid.json``. Run: ``python benchmarks/hybrid.py`` (about 6
+Writes ``benchmarks/results/hybrid.json``. Run: ``python benchmarks/hybrid.py`` (about 7
 minutes on a 2-core CPU, one thread); ``--quick`` for a smoke run (1 epoch, two runs);
 ``--lam 0 1`` to choose the lambdas.
 """
