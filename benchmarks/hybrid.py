@@ -23,15 +23,20 @@ factored-out part and the last level's output; ``--latent top``: the last level'
 for RealNVP backbones. Data: scikit-learn digits, the 1500 / 297 split of
 ``benchmarks.flows.load_digits_split`` (labels in the same permutation), uniform
 dequantization with 17 levels; test bits/dim per image as in ``benchmarks/ood.py`` (8 draws);
-test accuracy on the cell midpoints :math:`(x + 1/2) / 17`. Adam (AdamW with
-``--weight-decay``, 0 by default; lr 2e-3, cosine decay), batch 64, gradient-norm clip 50, 30
-epochs, one thread. ``--augment shift``: the digits RevNet's 1-pixel shifts on every training
-batch (both terms; the pure flow is then trained with and without them and the lower test
-bits/dim is the reference); ``--augment shift-ce``: shifted copies for the classification
-term only. Targets: test accuracy within 1 point of the digits RevNet (99.17 %) and test
-bits/dim within 0.1 of the pure flow, in the same run (``meets_targets`` per row).
+test accuracy on the cell midpoints :math:`(x + 1/2) / 17`. AdamW (decoupled weight decay
+``--weight-decay``, 0.1 by default; lr 2e-3, cosine decay), batch 64, gradient-norm clip 50, 30
+epochs, one thread. The pure flow is trained with the hybrids' weight decay and without it
+(``--pure-weight-decay both``, the default); the lower test bits/dim is the reference.
+``--label-smoothing`` smooths the CE term; ``--lam-end`` moves :math:`\lambda` linearly from
+each ``--lam`` to that value over training; ``--ce-warmup F`` ramps the CE weight from 0 to 1
+over the first fraction F of training (density first). ``--augment shift``: the digits
+RevNet's 1-pixel shifts on every training batch (both terms; the pure flow is then trained
+with and without them and the lower test bits/dim is the reference); ``--augment shift-ce``:
+shifted copies for the classification term only. Targets: test accuracy within 1 point of
+the digits RevNet (99.17 %) and test bits/dim within 0.1 of the pure flow, in the same run
+(``meets_targets`` per row).
 
-Writes ``benchmarks/results/hybrid.json``. Run: ``python benchmarks/hybrid.py`` (about 6
+Writes ``benchmarks/results/hybrid.json``. Run: ``python benchmarks/hybrid.py`` (about 7
 minutes on a 2-core CPU, one thread); ``--quick`` for a smoke run (1 epoch, two runs);
 ``--lam 0 1`` to choose the lambdas.
 """
@@ -82,7 +87,8 @@ def load_digits_labelled(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 def joint_loss(flow: nn.Module, head: nn.Module, y: Tensor, log_q: Tensor, labels: Tensor,
-               lam: float | None, y_cls: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+               lam: float | None, y_cls: Tensor | None = None, label_smoothing: float = 0.0,
+               ce_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
     r"""Hybrid loss of a dequantized batch ``y`` (with ``log_q`` of the dequantizer).
 
     ``lam`` a number: :math:`\mathrm{CE}(\mathrm{head}(z), y) + \lambda\,\mathrm{NLL}/D`
@@ -90,8 +96,11 @@ def joint_loss(flow: nn.Module, head: nn.Module, y: Tensor, log_q: Tensor, label
     :math:`\mathrm{NLL}/D + \mathrm{CE}(\mathrm{head}(z.\mathrm{detach}()), y)` (the head is
     a probe; no classifier gradient reaches the flow). ``y_cls``: another view of the same
     images (e.g. shifted) for the classification term only; it goes through the flow in the
-    same call as ``y`` (a batch of 2B). Returns the loss and its parts (``ce``, ``bpd``,
-    ``correct``).
+    same call as ``y`` (a batch of 2B). ``label_smoothing``: that of
+    :func:`torch.nn.functional.cross_entropy`, :math:`(1 - \epsilon)` on the label and
+    :math:`\epsilon / 10` on every class. ``ce_weight`` multiplies the hybrid's CE term (a
+    schedule's current weight; the pure flow's probe ignores it). Returns the loss and its
+    parts (``ce``, the smoothed CE, ``bpd``, ``correct``).
     """
     n = len(y)
     z, log_det = flow.forward_and_log_det(y if y_cls is None else torch.cat([y, y_cls]))
@@ -100,11 +109,22 @@ def joint_loss(flow: nn.Module, head: nn.Module, y: Tensor, log_q: Tensor, label
     num_dims = z.shape[1]
     nll = -(flow.prior.log_prob(z) + log_det - log_q) / num_dims  # nats/dim, (B,)
     logits = head(z_cls.detach() if lam is None else z_cls)
-    ce = F.cross_entropy(logits, labels)
-    loss = nll.mean() + ce if lam is None else ce + lam * nll.mean()
+    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    loss = nll.mean() + ce if lam is None else ce_weight * ce + lam * nll.mean()
     parts = {"ce": ce.item(), "bpd": nll.mean().item() / math.log(2),
              "correct": int((logits.argmax(1) == labels).sum())}
     return loss, parts
+
+
+def schedule(progress: float, lam: float, lam_end: float | None = None,
+             ce_warmup: float = 0.0) -> tuple[float, float]:
+    r"""``(lam, ce_weight)`` at ``progress`` :math:`t \in [0, 1)` of training (steps done /
+    steps in all). :math:`\lambda` goes linearly from ``lam`` to ``lam_end`` (constant when
+    ``lam_end`` is None); the CE weight rises linearly from 0 to 1 over the first ``ce_warmup``
+    fraction of training (density first), then stays at 1."""
+    lam_t = lam if lam_end is None else lam + (lam_end - lam) * progress
+    ce_weight = 1.0 if ce_warmup <= 0 else min(1.0, progress / ce_warmup)
+    return lam_t, ce_weight
 
 
 def shift_augment(x: Tensor, gen: torch.Generator) -> Tensor:
@@ -175,12 +195,15 @@ def top_dims(flow: nn.Module) -> int:
 
 def train_hybrid(lam: float | None, memory: str, epochs: int, data: tuple[Tensor, ...],
                  batch: int = 64, lr: float = 2e-3, seed: int = 0, augment: str = "none",
-                 latent: str = "all", weight_decay: float = 0.0,
+                 latent: str = "all", weight_decay: float = 0.0, label_smoothing: float = 0.0,
+                 lam_end: float | None = None, ce_warmup: float = 0.0,
                  flow_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train flow and head jointly (``lam=None``: pure flow + probe); test accuracy and bpd.
 
     ``augment="shift"`` shifts every training batch by up to one pixel (:func:`shift_augment`)
-    before dequantization, for both terms of the loss; ``weight_decay`` is AdamW's (decoupled).
+    before dequantization, for both terms of the loss; ``weight_decay`` is AdamW's (decoupled);
+    ``label_smoothing`` that of the CE term; ``lam_end`` and ``ce_warmup`` (a fraction of
+    training) the hybrid's :func:`schedule`, per step (ignored by the pure flow).
     """
     train_x, train_y, test_x, test_y = data
     config = {**DEFAULT_FLOW, **(flow_config or {})}
@@ -195,6 +218,7 @@ def train_hybrid(lam: float | None, memory: str, epochs: int, data: tuple[Tensor
     gen = torch.Generator().manual_seed(seed + 1)
     aug_gen = torch.Generator().manual_seed(seed + 3)
     curve = []
+    step, total_steps = 0, epochs * math.ceil(len(train_x) / batch)
     start = time.perf_counter()
     for _ in range(epochs):
         flow.train()
@@ -206,7 +230,11 @@ def train_hybrid(lam: float | None, memory: str, epochs: int, data: tuple[Tensor
             y, log_q = deq(x)
             if augment == "shift-ce":
                 y_cls, _ = deq(shift_augment(x, aug_gen))
-            loss, parts = joint_loss(flow, head, y, log_q, train_y[idx], lam, y_cls)
+            lam_t, ce_weight = (None, 1.0) if lam is None else schedule(
+                step / total_steps, lam, lam_end, ce_warmup)
+            loss, parts = joint_loss(flow, head, y, log_q, train_y[idx], lam_t, y_cls,
+                                     label_smoothing, ce_weight)
+            step += 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 50.0)
@@ -224,6 +252,8 @@ def train_hybrid(lam: float | None, memory: str, epochs: int, data: tuple[Tensor
         "objective": "pure flow (head: detached probe)" if lam is None else "hybrid",
         "lam": lam, "memory": memory, "augment": augment, "latent": latent,
         "epochs": epochs, "batch": batch, "lr": lr, "weight_decay": weight_decay,
+        "label_smoothing": label_smoothing, "lam_end": None if lam is None else lam_end,
+        "ce_warmup": 0.0 if lam is None else ce_warmup,
         "params": sum(p.numel() for p in params),
         "head_params": sum(p.numel() for p in head.parameters()),
         "train_seconds": round(train_s, 1),
@@ -256,16 +286,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pure-augment", choices=["same", "both"], default="both",
                         help="pure flow reference: with the hybrids' augmentation only, or "
                              "with and without it (the reference is the lower test bits/dim)")
+    parser.add_argument("--pure-weight-decay", choices=["same", "both"], default="both",
+                        help="pure flow reference: with the hybrids' weight decay only, or "
+                             "with it and without (the reference is the lower test bits/dim)")
     parser.add_argument("--latent", choices=list(LATENTS), default="all",
                         help="what the linear head reads: the whole latent or the last level's")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=float, default=0.1,
+                        help="AdamW's decoupled weight decay, every parameter")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="label smoothing of the CE term (also the pure flow's probe)")
+    parser.add_argument("--lam-end", type=float, default=None,
+                        help="hybrids: lambda goes linearly from each --lam to this value")
+    parser.add_argument("--ce-warmup", type=float, default=0.0,
+                        help="hybrids: the CE weight rises from 0 to 1 over this fraction "
+                             "of training (density first)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 epoch, the pure flow and the first lambda only")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the planned runs (lam, memory, augment, weight decay)")
     parser.add_argument("--no-stored", action="store_true", help="skip the stored control run")
     parser.add_argument("--out", type=Path, default=RESULTS / "hybrid.json")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.dry_run:
+        for run in plan(args):
+            print(run)
+        return {"runs": plan(args)}
     torch.set_num_threads(args.threads)
     env = environment()
     started = time.perf_counter()
@@ -274,21 +321,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flow_config = {"model": args.model, "hidden": args.hidden, "levels": args.levels,
                    "steps": args.steps, "coupling_net": args.coupling_net,
                    "num_blocks": args.num_blocks}
-    runs: list[tuple[float | None, str, str]] = [(None, "reversible", args.augment)]
-    if args.augment != "none" and args.pure_augment == "both" and not args.quick:
-        runs.append((None, "reversible", "none"))
-    runs += [(lam, "reversible", args.augment)
-             for lam in (args.lam[:1] if args.quick else args.lam)]
-    if not (args.quick or args.no_stored):
-        runs.append((args.stored_lam, "stored", args.augment))
     rows = []
-    for lam, memory, augment in runs:
+    for lam, memory, augment, w in plan(args):
         row = train_hybrid(lam, memory, epochs, data, lr=args.lr, augment=augment,
-                           latent=args.latent, weight_decay=args.weight_decay,
-                           flow_config=flow_config)
+                           latent=args.latent, weight_decay=w,
+                           label_smoothing=args.label_smoothing, lam_end=args.lam_end,
+                           ce_warmup=args.ce_warmup, flow_config=flow_config)
         rows.append(row)
         name = "pure flow" if lam is None else f"lambda={lam:g}"
-        print(f"{name:12s} {memory:10s} aug {augment:5s} acc {row['test_accuracy']:6.2f} %  "
+        print(f"{name:12s} {memory:10s} aug {augment:5s} wd {w:g} "
+              f"acc {row['test_accuracy']:6.2f} %  "
               f"{row['test_bpd']:.4f} bits/dim  {row['train_seconds']:6.1f} s", flush=True)
     flow_bpd = min(row["test_bpd"] for row in rows if row["lam"] is None)
     for row in rows:
@@ -305,6 +347,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "head": f"nn.Linear on the {args.latent} latent",
                    "objective": "CE + lam * NLL in nats/dim (D = 64), batch means",
                    "augment": args.augment, "lr": args.lr, "weight_decay": args.weight_decay,
+                   "label_smoothing": args.label_smoothing, "lam_end": args.lam_end,
+                   "ce_warmup": args.ce_warmup,
                    "optimizer": "AdamW, cosine decay, batch 64, grad-norm clip 50",
                    "train_images": len(train_x), "test_images": len(test_x),
                    "flow_params": sum(p.numel() for p in flow.parameters()),
@@ -321,6 +365,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
     return report
+
+
+def plan(args: argparse.Namespace) -> list[tuple[float | None, str, str, float]]:
+    """The runs of :func:`main`, ``(lam, memory, augment, weight_decay)``: the pure flow with
+    the hybrids' augmentation and weight decay, and (unless ``--quick``, or ``same`` for
+    ``--pure-augment`` / ``--pure-weight-decay``) without them, then the reversible hybrids and
+    the stored control. The pure flow reference is the lowest test bits/dim of those pure flows,
+    so a setting that hurts the pure flow cannot make the reference easier to meet."""
+    wd = args.weight_decay
+    pure_augments = [args.augment] + (["none"] if args.augment != "none"
+                                      and args.pure_augment == "both" else [])
+    pure_wds = [wd] + ([0.0] if wd and args.pure_weight_decay == "both" else [])
+    runs: list[tuple[float | None, str, str, float]] = [
+        (None, "reversible", augment, w) for augment in pure_augments for w in pure_wds]
+    runs = runs[:1] if args.quick else runs
+    runs += [(lam, "reversible", args.augment, wd)
+             for lam in (args.lam[:1] if args.quick else args.lam)]
+    if not (args.quick or args.no_stored):
+        runs.append((args.stored_lam, "stored", args.augment, wd))
+    return runs
 
 
 def describe(config: dict[str, Any]) -> str:

@@ -160,3 +160,84 @@ def test_top_latent_head_reads_the_last_level_only(hybrid):
     assert z.grad[:, :-top].abs().sum() == 0 and z.grad[:, -top:].abs().sum() > 0
     with pytest.raises(ValueError, match="latent must be one of"):
         hybrid.LatentHead(flow.num_dims, 10, "middle", top)
+
+
+def test_label_smoothing_is_the_smoothed_cross_entropy(hybrid):
+    flow, head = _tiny()
+    y, log_q, labels = _batch()
+    with torch.no_grad():
+        flow.forward_and_log_det(y)  # ActNorm's data-dependent initialisation
+        z, _ = flow.forward_and_log_det(y)
+        log_p = torch.log_softmax(head(z), 1)  # (B, 10)
+        _, plain = hybrid.joint_loss(flow, head, y, log_q, labels, 1.0)
+        _, smooth = hybrid.joint_loss(flow, head, y, log_q, labels, 1.0, label_smoothing=0.2)
+    nll = -log_p.gather(1, labels[:, None]).mean()
+    by_hand = 0.8 * nll - 0.2 * log_p.mean(1).mean()  # 0.2 spread over the 10 classes
+    assert plain["ce"] == pytest.approx(float(nll), rel=1e-5)
+    assert smooth["ce"] == pytest.approx(float(by_hand), rel=1e-5)
+    assert smooth["ce"] != pytest.approx(plain["ce"], rel=1e-3)
+
+
+def test_ce_weight_zero_leaves_the_likelihood_alone(hybrid):
+    flow, head = _tiny()
+    y, log_q, labels = _batch()
+    loss, parts = hybrid.joint_loss(flow, head, y, log_q, labels, 2.0, ce_weight=0.0)
+    loss.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in head.parameters())
+    g = [p.grad.clone() for p in flow.parameters()]
+    flow.zero_grad(set_to_none=True)
+    (2.0 * (-(flow.log_prob(y) - log_q) / 64).mean()).backward()
+    for a, p in zip(g, flow.parameters()):
+        torch.testing.assert_close(a, p.grad)
+    half, _ = hybrid.joint_loss(flow, head, y, log_q, labels, 2.0, ce_weight=0.5)
+    assert half.item() == pytest.approx(loss.item() + 0.5 * parts["ce"], rel=1e-5)
+
+
+def test_schedule(hybrid):
+    assert hybrid.schedule(0.7, 2.0) == (2.0, 1.0)  # the default: constant, CE from the start
+    assert hybrid.schedule(0.0, 3.0, 1.0) == (3.0, 1.0)
+    assert hybrid.schedule(0.5, 3.0, 1.0) == (2.0, 1.0)
+    assert hybrid.schedule(0.0, 2.0, ce_warmup=0.4) == (2.0, 0.0)
+    assert hybrid.schedule(0.2, 2.0, ce_warmup=0.4) == pytest.approx((2.0, 0.5))
+    assert hybrid.schedule(0.9, 2.0, ce_warmup=0.4) == (2.0, 1.0)
+
+
+def test_training_follows_the_schedule_per_step(hybrid, monkeypatch):
+    seen = []
+    joint_loss = hybrid.joint_loss
+
+    def spy(flow, head, y, log_q, labels, lam, y_cls=None, label_smoothing=0.0,
+            ce_weight=1.0):
+        seen.append((lam, ce_weight, label_smoothing))
+        return joint_loss(flow, head, y, log_q, labels, lam, y_cls, label_smoothing, ce_weight)
+
+    monkeypatch.setattr(hybrid, "joint_loss", spy)
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 17, (32, 1, 8, 8), generator=gen), torch.arange(32) % 10,
+            torch.randint(0, 17, (8, 1, 8, 8), generator=gen), torch.arange(8) % 10)
+    config = {"model": "realnvp", "hidden": 4}
+    row = hybrid.train_hybrid(3.0, "reversible", 2, data, batch=8, lam_end=1.0, ce_warmup=0.5,
+                              label_smoothing=0.1, flow_config=config)
+    assert len(seen) == 8  # 2 epochs of 4 steps, progress k / 8
+    assert [s[0] for s in seen] == pytest.approx([3.0 - 2.0 * k / 8 for k in range(8)])
+    assert [s[1] for s in seen] == pytest.approx([min(1.0, k / 4) for k in range(8)])
+    assert all(s[2] == 0.1 for s in seen)
+    assert row["lam_end"] == 1.0 and row["ce_warmup"] == 0.5 and row["label_smoothing"] == 0.1
+    seen.clear()  # the pure flow ignores the schedule
+    hybrid.train_hybrid(None, "reversible", 1, data, batch=8, lam_end=1.0, ce_warmup=0.5,
+                        flow_config=config)
+    assert seen == [(None, 1.0, 0.0)] * 4
+
+
+def test_pure_flow_reference_is_trained_with_and_without_weight_decay(hybrid):
+    runs = hybrid.main(["--dry-run", "--lam", "1", "2", "--weight-decay", "0.1"])["runs"]
+    assert runs == [(None, "reversible", "none", 0.1), (None, "reversible", "none", 0.0),
+                    (1.0, "reversible", "none", 0.1), (2.0, "reversible", "none", 0.1),
+                    (2.0, "stored", "none", 0.1)]
+    both = hybrid.main(["--dry-run", "--lam", "1", "--augment", "shift", "--no-stored"])["runs"]
+    assert [r for r in both if r[0] is None] == [
+        (None, "reversible", a, w) for a in ("shift", "none") for w in (0.1, 0.0)]
+    same = hybrid.main(["--dry-run", "--lam", "1", "--pure-weight-decay", "same"])["runs"]
+    assert [r for r in same if r[0] is None] == [(None, "reversible", "none", 0.1)]
+    assert hybrid.main(["--dry-run", "--weight-decay", "0", "--quick"])["runs"] == [
+        (None, "reversible", "none", 0.0), (0.0, "reversible", "none", 0.0)]
