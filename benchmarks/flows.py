@@ -112,12 +112,15 @@ def optimum(name: str, n: int = 1_000_000) -> dict[str, float]:
 
 def fit_2d(model: torch.nn.Module, name: str, steps: int, batch: int, seed: int = 0,
            lr: float = 2e-3, max_seconds: float = 175.0,
-           log_prob: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+           log_prob: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           per_point: bool = False) -> dict[str, Any]:
     """The training loop and test of every 2-D run, revtrain's and the peers'
     (``benchmarks/peers_flows.py``): Adam at ``lr`` with cosine decay over ``steps``, a fresh
     batch of ``batch`` float32 samples each step (generator seeded ``seed + 1``), stopping at
     ``steps`` or ``max_seconds``; test NLL on 100,000 fresh samples (seed ``seed + 999``)
-    against the density's optimum. ``log_prob`` defaults to ``model.log_prob``."""
+    against the density's optimum. ``log_prob`` defaults to ``model.log_prob``. With
+    ``per_point`` the result also holds ``"test_nll_per_point"``, the float64 tensor of the
+    100,000 test NLLs (the same points for every model of a seed: paired comparisons)."""
     log_prob = log_prob or model.log_prob
     sampler, _ = DENSITIES[name]
     gen = torch.Generator().manual_seed(seed + 1)
@@ -152,6 +155,7 @@ def fit_2d(model: torch.nn.Module, name: str, steps: int, batch: int, seed: int 
         "optimal_nll_nats": best["mc_nats"], "optimal_nll_stderr": best["mc_stderr"],
         "optimal_closed_form_nats": best["closed_form_nats"],
         "gap_nats": float(nll.mean()) - best["mc_nats"],
+        **({"test_nll_per_point": nll} if per_point else {}),
     }
 
 

@@ -18,6 +18,17 @@ initialised after ``torch.manual_seed(0)`` and sees the same batches.
   sub-network as revtrain's (``revtrain.flows.MLP``, zero last layer), width matched too;
   nflows divides the raw bin widths and heights by ``sqrt(width)``, as it does for its own nets.
 
+``--bins``, ``--bound``, ``--num-layers`` and ``--hidden`` change revtrain's configuration and
+give the peers the same structural choice where they have it: the number of bins and of
+transforms for all (then the peers' widths are matched again), nflows' ``tail_bound`` too
+(zuko's domain stays ``[-5, 5]``: it has no such argument).
+
+Every model is tested on the same 100,000 points, so the comparison is paired: for revtrain
+reversible against each other model, the mean of the per-point NLL difference (revtrain minus
+the other; negative: revtrain is better) and its standard error, ``std(d) / sqrt(n)``, far
+smaller than either model's own ``test_nll_stderr`` because the points' spread is shared
+(:func:`paired_difference`; the ``"paired"`` list of the JSON).
+
 A peer whose parameter count is more than 20 % away from revtrain's ``nsf`` is refused. Step
 time is the training loop's wall time per step (sampling included, the same for every model)
 and its process CPU time per step, one thread; the load average before and after each run is
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -51,7 +63,7 @@ from revtrain.flows import MLP  # noqa: E402
 from revtrain.models import create  # noqa: E402
 
 __all__ = ["NSF_CONFIG", "PARAM_TOLERANCE", "build", "check_params", "main", "matched_width",
-           "num_params"]
+           "num_params", "paired_difference"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "peers_flows.json"
 #: revtrain ``nsf``'s defaults, the configuration of ``benchmarks/flows.py --only 2d-spline``
@@ -147,6 +159,22 @@ def check_params(library: str, count: int, target: int,
                          f"{tolerance:.0%} (choose another width)")
 
 
+def paired_difference(nll_a: Tensor, nll_b: Tensor) -> dict[str, float]:
+    """Paired comparison of two models' NLLs on the same test points.
+
+    ``d_i = nll_a[i] - nll_b[i]``; returns its mean (``mean_diff_nats``: negative when ``a`` is
+    better), the standard error of that mean ``std(d) / sqrt(n)`` (``stderr_nats``, sample std),
+    ``z = mean / stderr`` and ``n``.
+    """
+    if nll_a.shape != nll_b.shape or nll_a.dim() != 1 or len(nll_a) < 2:
+        raise ValueError(f"paired_difference: needs two 1-D NLL tensors over the same test points "
+                         f"(n >= 2), got shapes {tuple(nll_a.shape)} and {tuple(nll_b.shape)}")
+    d = nll_a.double() - nll_b.double()
+    mean, se = float(d.mean()), float(d.std() / math.sqrt(len(d)))
+    return {"mean_diff_nats": mean, "stderr_nats": se, "z": mean / se if se > 0 else math.inf,
+            "test_points": len(d)}
+
+
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in ("zuko", "nflows"):
@@ -158,15 +186,20 @@ def versions() -> dict[str, str | None]:
 
 
 def run(tasks: list[str], steps: int, batch: int, max_seconds: float, seed: int = 0,
-        config: dict[str, Any] = NSF_CONFIG) -> list[dict[str, Any]]:
-    """Train every model on every task with :func:`benchmarks.flows.fit_2d`; one row each."""
+        config: dict[str, Any] = NSF_CONFIG, stored: bool = True,
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train every model on every task with :func:`benchmarks.flows.fit_2d`: one row each, and
+    the paired differences of revtrain reversible against every other model of the task."""
     target = num_params(build("revtrain", config["hidden"], config)[0])
     widths = {"revtrain": config["hidden"], "zuko": matched_width("zuko", target, config),
               "nflows": matched_width("nflows", target, config)}
     runs = [("revtrain", "reversible"), ("revtrain", "stored"), ("zuko", "stored"),
             ("nflows", "stored")]
-    rows = []
+    if not stored:
+        runs.remove(("revtrain", "stored"))
+    rows, pairs = [], []
     for task in tasks:
+        nlls = {}
         for library, memory in runs:
             torch.manual_seed(seed)
             model, log_prob = build(library, widths[library], config, memory)
@@ -174,7 +207,8 @@ def run(tasks: list[str], steps: int, batch: int, max_seconds: float, seed: int 
             check_params(library, count, target)
             load_before = os.getloadavg()[0]
             result = fit_2d(model, task, steps, batch, seed, max_seconds=max_seconds,
-                            log_prob=log_prob)
+                            log_prob=log_prob, per_point=True)
+            nlls[library, memory] = result.pop("test_nll_per_point")
             row = {"density": task, "library": library, "memory": memory,
                    "hidden": widths[library], "params_vs_revtrain": round(count / target - 1, 4),
                    **result, "load_before": round(load_before, 2),
@@ -185,7 +219,15 @@ def run(tasks: list[str], steps: int, batch: int, max_seconds: float, seed: int 
                   f"{row['steps_done']} steps, load {row['load_before']}-{row['load_after']}",
                   flush=True)
             rows.append(row)
-    return rows
+        reference = nlls["revtrain", "reversible"]
+        for (library, memory), nll in list(nlls.items())[1:]:
+            pair = {"density": task, "a": "revtrain reversible", "b": f"{library} {memory}",
+                    **paired_difference(reference, nll)}
+            print(f"{task:12s} revtrain reversible - {library} {memory}: "
+                  f"{pair['mean_diff_nats']:+.5f} ± {pair['stderr_nats']:.5f} nats (paired SE, "
+                  f"z {pair['z']:+.1f})", flush=True)
+            pairs.append(pair)
+    return rows, pairs
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -201,19 +243,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help=f"JSON to write (default {RESULTS.relative_to(RESULTS.parents[2])} "
                         "unless --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--bins", type=int, default=NSF_CONFIG["bins"],
+                        help="spline bins of every model (default %(default)s)")
+    parser.add_argument("--bound", type=float, default=NSF_CONFIG["bound"],
+                        help="revtrain's spline interval [-B, B] and nflows' tail_bound "
+                        "(default %(default)s; zuko's is fixed at 5)")
+    parser.add_argument("--num-layers", type=int, default=NSF_CONFIG["num_layers"],
+                        help="spline transforms of every model (default %(default)s)")
+    parser.add_argument("--hidden", type=int, default=NSF_CONFIG["hidden"],
+                        help="revtrain's MLP width; the peers' are matched to its parameter "
+                        "count (default %(default)s)")
+    parser.add_argument("--no-stored", action="store_true",
+                        help="skip revtrain stored (it repeats reversible's NLL to ~5e-4)")
     args = parser.parse_args(argv)
+    config = {**NSF_CONFIG, "bins": args.bins, "bound": args.bound,
+              "num_layers": args.num_layers, "hidden": args.hidden}
     torch.set_num_threads(args.threads)
     steps = args.steps or (300 if args.quick else 6000)
     started = time.perf_counter()
     report: dict[str, Any] = {
         "environment": {**environment(), **versions(),
                         "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
-        "config": {"revtrain_nsf": NSF_CONFIG, "steps": steps, "batch": args.batch,
+        "config": {"revtrain_nsf": config, "steps": steps, "batch": args.batch,
                    "lr": 2e-3, "schedule": "Adam, cosine decay over the steps",
                    "param_tolerance": PARAM_TOLERANCE, "seed": 0, "tasks": args.tasks,
                    "max_seconds": args.max_seconds},
     }
-    report["runs"] = run(args.tasks, steps, args.batch, args.max_seconds)
+    report["runs"], report["paired"] = run(args.tasks, steps, args.batch, args.max_seconds,
+                                           config=config, stored=not args.no_stored)
     report["environment"]["total_seconds"] = round(time.perf_counter() - started, 1)
     report["environment"]["load_average_at_end"] = list(os.getloadavg())
     out = args.out if args.out is not None or args.quick else RESULTS

@@ -13,6 +13,7 @@ import json
 import math
 
 import pytest
+import torch
 
 pytest.importorskip("zuko")
 pytest.importorskip("nflows")
@@ -40,6 +41,29 @@ def test_peer_widths_match_revtrain_and_a_far_peer_is_refused(peers):
         peers.check_params("zuko", wide, target)
 
 
+def test_paired_difference_on_points_with_a_known_answer(peers):
+    n = 10_000
+    shared = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = 3.0 + shared  # the points' own spread (std 1), the same for both models
+    d = torch.tensor([0.03, -0.01], dtype=torch.float64).repeat(n // 2)  # mean 0.01 +- 0.02
+    b = a - d
+    pair = peers.paired_difference(a, b)
+    assert pair["test_points"] == n
+    assert pair["mean_diff_nats"] == pytest.approx(0.01, abs=1e-12)
+    assert pair["stderr_nats"] == pytest.approx(0.02 / math.sqrt(n - 1), rel=1e-9)
+    assert pair["z"] == pytest.approx(0.01 / (0.02 / math.sqrt(n - 1)), rel=1e-9)
+    assert peers.paired_difference(b, a)["mean_diff_nats"] == pytest.approx(-0.01, abs=1e-12)
+    # the unpaired error of either mean is ~50x larger: pairing is what makes 0.01 significant
+    unpaired = math.hypot(float(a.std()), float(b.std())) / math.sqrt(n)
+    assert unpaired > 30 * pair["stderr_nats"]
+    # broken pairing (b on other points) gives the unpaired size, not the known 0.02/sqrt(n-1)
+    shuffled = peers.paired_difference(a, b[torch.randperm(n, generator=torch.Generator()
+                                                            .manual_seed(1))])
+    assert shuffled["stderr_nats"] > 30 * pair["stderr_nats"]
+    with pytest.raises(ValueError, match="same test points"):
+        peers.paired_difference(a, b[:-1])
+
+
 @pytest.mark.slow  # about 5 s alone, most of it importing zuko and nflows' modules
 def test_quick_path_writes_the_side_by_side(peers, tmp_path):
     out = tmp_path / "peers.json"
@@ -63,6 +87,14 @@ def test_quick_path_writes_the_side_by_side(peers, tmp_path):
         assert math.isfinite(r["test_nll_nats"]) and r["ms_per_step"] > 0
         assert r["gap_nats"] == pytest.approx(r["test_nll_nats"] - r["optimal_nll_nats"])
         assert r["optimal_nll_nats"] == pytest.approx(math.log(32))
+    pairs = data["paired"]
+    assert [(p["a"], p["b"]) for p in pairs] == [
+        ("revtrain reversible", "revtrain stored"), ("revtrain reversible", "zuko stored"),
+        ("revtrain reversible", "nflows stored")]
+    for p, r in zip(pairs, rows[1:]):  # the mean of differences is the difference of means
+        assert p["mean_diff_nats"] == pytest.approx(
+            rows[0]["test_nll_nats"] - r["test_nll_nats"], abs=1e-9)
+        assert 0 < p["stderr_nats"] and p["test_points"] == r["test_points"]
     rev, stored = rows[0], rows[1]
     assert rev["test_nll_nats"] == pytest.approx(stored["test_nll_nats"], abs=1e-4)
     assert rev["test_nll_nats"] != rows[2]["test_nll_nats"]  # zuko is another model
