@@ -85,6 +85,27 @@ def _ddp_worker(rank, world, port):
         dist.destroy_process_group()
 
 
+def _fsdp_steps(model, reference, data, rank, world, what, after_forward=lambda: None):
+    """SGD steps of an FSDP2 model on this rank's half of each batch and of a stored reference
+    on the same half, the reference's gradients averaged over the ranks: equal gradients."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step, batch in enumerate(data):
+        x = batch[rank * 2:(rank + 1) * 2]
+        torch.manual_seed(10 * step + rank)
+        loss = model(x).square().mean()
+        after_forward()
+        loss.backward()
+        torch.manual_seed(10 * step + rank)
+        reference(x).square().mean().backward()
+        for p in reference.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            _close(p.grad.full_tensor(), q.grad, f"{what} step {step} {name}")
+        opt.step(), opt.zero_grad(), ref_opt.step(), ref_opt.zero_grad()
+
+
 def _fsdp_worker(rank, world, port):
     _setup(rank, world, port)
     from engine_helpers import coupling, twin
@@ -103,24 +124,13 @@ def _fsdp_worker(rank, world, port):
             for layer in model:
                 fully_shard(layer)
             fully_shard(model)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
             data = torch.randn(2, 2 * world, 4, 5, 5, dtype=torch.float64)
-            for step, batch in enumerate(data):
-                x = batch[rank * 2:(rank + 1) * 2]
-                torch.manual_seed(10 * step + rank)
-                loss = model(x).square().mean()
-                weight = model[1].f[0].weight
-                assert isinstance(weight, DTensor), "parameters resharded between forward and backward"
-                loss.backward()
-                torch.manual_seed(10 * step + rank)
-                reference(x).square().mean().backward()
-                for p in reference.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-                for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-                    _close(p.grad.full_tensor(), q.grad, f"{memory} step {step} {name}")
-                opt.step(), opt.zero_grad(), ref_opt.step(), ref_opt.zero_grad()
+
+            def resharded(model=model):
+                assert isinstance(model[1].f[0].weight, DTensor), \
+                    "parameters resharded between forward and backward"
+
+            _fsdp_steps(model, reference, data, rank, world, memory, after_forward=resharded)
             for (name, b), c in zip(model.named_buffers(), reference.buffers()):
                 _close(b.double(), c.double(), f"{memory} buffer {name}")
     finally:
@@ -149,21 +159,8 @@ def _fsdp_transformer_worker(rank, world, port):
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
         data = torch.randn(2, 2 * world, 5, 8, dtype=torch.float64)
-        for step, batch in enumerate(data):
-            x = batch[rank * 2:(rank + 1) * 2]
-            torch.manual_seed(10 * step + rank)
-            model(x).square().mean().backward()
-            torch.manual_seed(10 * step + rank)
-            reference(x).square().mean().backward()
-            for p in reference.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= world
-            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-                _close(p.grad.full_tensor(), q.grad, f"transformer step {step} {name}")
-            opt.step(), opt.zero_grad(), ref_opt.step(), ref_opt.zero_grad()
+        _fsdp_steps(model, reference, data, rank, world, "transformer")
         assert len(calls) == 2 * 3 * len(data), "the MLPs' recomputing path, forward and rebuild"
         dist.barrier()  # both ranks done before the process group goes
     finally:
