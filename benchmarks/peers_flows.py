@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "count (default %(default)s)")
     parser.add_argument("--no-stored", action="store_true",
                         help="skip revtrain stored (it repeats reversible's NLL to ~5e-4)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights (torch.manual_seed), batches (seed + 1) and test "
+                             "points (seed + 999); the same for every model of a run")
     args = parser.parse_args(argv)
     config = {**NSF_CONFIG, "bins": args.bins, "bound": args.bound,
               "num_layers": args.num_layers, "hidden": args.hidden}
@@ -266,11 +269,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "config": {"revtrain_nsf": config, "steps": steps, "batch": args.batch,
                    "lr": 2e-3, "schedule": "Adam, cosine decay over the steps",
-                   "param_tolerance": PARAM_TOLERANCE, "seed": 0, "tasks": args.tasks,
+                   "param_tolerance": PARAM_TOLERANCE, "seed": args.seed, "tasks": args.tasks,
                    "max_seconds": args.max_seconds},
     }
     report["runs"], report["paired"] = run(args.tasks, steps, args.batch, args.max_seconds,
-                                           config=config, stored=not args.no_stored)
+                                           seed=args.seed, config=config,
+                                           stored=not args.no_stored)
     report["environment"]["total_seconds"] = round(time.perf_counter() - started, 1)
     report["environment"]["load_average_at_end"] = list(os.getloadavg())
     out = args.out if args.out is not None or args.quick else RESULTS

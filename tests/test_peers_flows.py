@@ -99,3 +99,17 @@ def test_quick_path_writes_the_side_by_side(peers, tmp_path):
     assert rev["test_nll_nats"] == pytest.approx(stored["test_nll_nats"], abs=1e-4)
     assert rev["test_nll_nats"] != rows[2]["test_nll_nats"]  # zuko is another model
 
+
+
+@pytest.mark.slow
+def test_seed_moves_weights_batches_and_test_points(peers, tmp_path):
+    runs = {}
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}.json"
+        peers.main(["--quick", "--steps", "2", "--batch", "16", "--tasks", "8gaussians",
+                    "--no-stored", "--seed", str(seed), "--out", str(out)])
+        data = json.loads(out.read_text())
+        assert data["config"]["seed"] == seed
+        runs[seed] = {r["library"]: r["test_nll_nats"] for r in data["runs"]}
+    for library in ("revtrain", "zuko", "nflows"):
+        assert runs[0][library] != runs[1][library], library
