@@ -232,7 +232,7 @@ class TransformerMLP(nn.Module):
         if torch._C._are_functorch_transforms_active() or type(self.act) is not nn.GELU:
             return False
         parts = (self.norm, self.fc1, self.act, self.fc2, self.drop)
-        if _global_module_hooks() or any(_module_hooks(m) for m in parts):
+        if any(_hooked(m) for m in parts):
             return False
         if self.norm.weight is None or self.norm.normalized_shape != (x.shape[-1],):
             return False
@@ -376,15 +376,13 @@ class ReversibleTransformer(MemoryModeMixin, nn.Module):
 _REBUILT_MODES = (RECORD, RECOMPUTE, INVERT)
 
 
-def _module_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks)
-
-
-def _global_module_hooks() -> bool:
+def _hooked(m: nn.Module) -> bool:
+    """Whether a forward or backward hook (of ``m`` or global) would see ``m``'s call."""
     from torch.nn.modules import module as _m
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks
-                or _m._global_backward_hooks or _m._global_backward_pre_hooks)
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks or _m._global_forward_hooks
+                or _m._global_forward_pre_hooks or _m._global_backward_hooks
+                or _m._global_backward_pre_hooks)
 
 
 def _check_arguments(owner: str, dim: int, num_heads: int, mlp_ratio: float,
