@@ -79,6 +79,16 @@ class _ImageDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def _init_augmentation(self, randaugment, randaugment_bins: int, color_jitter: float,
+                           random_erasing: float) -> None:
+        """Check and keep the RandAugment / colour jitter / random erasing options (after
+        ``self.normalize`` is set)."""
+        self.randaugment = _check_augmentation(type(self).__name__, randaugment, randaugment_bins,
+                                               color_jitter, random_erasing, self.normalize)
+        self.randaugment_bins = randaugment_bins
+        self.color_jitter = color_jitter
+        self.random_erasing = random_erasing
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a loader")
@@ -297,11 +307,7 @@ class _CIFARDataModule(_ImageDataModule):
         self.augment = augment
         self.normalize = normalize
         self.seed = seed
-        self.randaugment = _check_augmentation(type(self).__name__, randaugment, randaugment_bins,
-                                               color_jitter, random_erasing, normalize)
-        self.randaugment_bins = randaugment_bins
-        self.color_jitter = color_jitter
-        self.random_erasing = random_erasing
+        self._init_augmentation(randaugment, randaugment_bins, color_jitter, random_erasing)
 
     def _dataset_class(self):
         from torchvision import datasets
@@ -455,12 +461,7 @@ class ImageNetDataModule(_ImageDataModule):
         self.num_classes = num_classes
         self.input_shape = (3, image_size, image_size)
         self.normalize = normalize
-        self.randaugment = _check_augmentation("ImageNetDataModule", randaugment,
-                                               randaugment_bins, color_jitter, random_erasing,
-                                               normalize)
-        self.randaugment_bins = randaugment_bins
-        self.color_jitter = color_jitter
-        self.random_erasing = random_erasing
+        self._init_augmentation(randaugment, randaugment_bins, color_jitter, random_erasing)
 
     def _transforms(self, train: bool):
         from torchvision import transforms as T
