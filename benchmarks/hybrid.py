@@ -310,9 +310,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.dry_run:
-        for run in plan(args):
+        runs = plan(args)
+        for run in runs:
             print(run)
-        return {"runs": plan(args)}
+        return {"runs": runs}
     torch.set_num_threads(args.threads)
     env = environment()
     started = time.perf_counter()
@@ -344,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "environment": env,
         "config": {"model": describe(flow_config),
-                   "head": f"nn.Linear on the {args.latent} latent",
+                   "head": "nn.Linear on the " + ("whole flat latent" if args.latent == "all"
+                                                  else "last level's latent"),
                    "objective": "CE + lam * NLL in nats/dim (D = 64), batch means",
                    "augment": args.augment, "lr": args.lr, "weight_decay": args.weight_decay,
                    "label_smoothing": args.label_smoothing, "lam_end": args.lam_end,
