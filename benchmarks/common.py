@@ -143,6 +143,15 @@ def square_loss(out: Any) -> Tensor:
 # ----------------------------------------------------------------------------- timing
 
 
+def spread(values: list[float], ndigits: int = 3) -> dict[str, float | None]:
+    """Mean, sample standard deviation (n - 1; ``None`` for one value), min and max of
+    ``values`` (one figure per seed), each rounded to ``ndigits``."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": round(float(t.mean()), ndigits),
+            "std": round(float(t.std()), ndigits) if len(values) > 1 else None,
+            "min": round(float(t.min()), ndigits), "max": round(float(t.max()), ndigits)}
+
+
 def time_interleaved(
     steps: dict[str, Callable[[], None]],
     repeats: int,

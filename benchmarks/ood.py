@@ -46,7 +46,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, spread  # noqa: E402
 from benchmarks.flows import load_digits_split  # noqa: E402
 from revtrain.flows import UniformDequantization, bits_per_dim  # noqa: E402
 from revtrain.models import create  # noqa: E402
@@ -211,13 +211,8 @@ def seed_summary(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
         out[row["set"]] = {}
         for key in keys:
             values = [r["rows"][i][key] for r in runs]
-            n = len(values)
-            mean = sum(values) / n
-            std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else None
             out[row["set"]][key] = {"per_seed": [round(v, 4) for v in values],
-                                    "mean": round(mean, 4),
-                                    "std": None if std is None else round(std, 4),
-                                    "min": round(min(values), 4), "max": round(max(values), 4)}
+                                    **spread(values, 4)}
     return out
 
 

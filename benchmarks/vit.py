@@ -44,7 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, time_interleaved, write_json  # noqa: E402
+from common import environment, spread, time_interleaved, write_json  # noqa: E402
 
 from revtrain.memory import measure_step  # noqa: E402
 from revtrain.models import create  # noqa: E402
@@ -201,14 +201,6 @@ def digits(epochs: int, seeds: int = 1) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-def _mean_std(values: list[float]) -> dict[str, float | None]:
-    """Mean and sample standard deviation (n - 1; ``None`` for one value), in points."""
-    t = torch.tensor(values, dtype=torch.float64)
-    return {"mean": round(float(t.mean()), 3),
-            "std": round(float(t.std()), 3) if len(values) > 1 else None,
-            "min": round(float(t.min()), 3), "max": round(float(t.max()), 3)}
-
-
 def _digits(epochs: int, seeds: int) -> dict[str, Any]:
     """Seed ``s`` (0, 1, ...): initial weights from ``torch.manual_seed(s)``, copied into the
     stored twin; both then train from ``torch.manual_seed(s + 1)`` (the same shifts and batch
@@ -244,9 +236,9 @@ def _digits(epochs: int, seeds: int) -> dict[str, Any]:
     gaps = [r["accuracy_gap_points"] for r in out["runs"]]
     out["summary"] = {
         "seeds": seeds,
-        "test_accuracy_points": {name: {"per_seed": [round(a, 2) for a in v], **_mean_std(v)}
+        "test_accuracy_points": {name: {"per_seed": [round(a, 2) for a in v], **spread(v)}
                                  for name, v in acc.items()},
-        "gap_points_reversible_minus_stored": {"per_seed": gaps, **_mean_std(gaps)},
+        "gap_points_reversible_minus_stored": {"per_seed": gaps, **spread(gaps)},
         "train_seconds": {name: [r[name]["train_seconds"] for r in out["runs"]]
                           for name in ("reversible", "stored_twin")},
         "statistics": "std is the sample standard deviation (n - 1) over seeds",
