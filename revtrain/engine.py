@@ -17,8 +17,10 @@ In backward, the first unpack of a handle of layer ``i`` rebuilds that layer:
   evaluation saves (frame ``"f"``, ``"g"``, ...); the element-wise operations around them are
   re-run with the recorded sub-network outputs to regenerate the rest (frame ``""``), and are
   skipped when they saved nothing (additive couplings). One extra evaluation per sub-network.
-* any other invertible layer (ActNorm, 1x1 convolution, memcnn couplings) is inverted, then run
-  forward again under the capture hook.
+* any other invertible layer (ActNorm, 1x1 convolution, memcnn couplings) is inverted. If all it
+  saved is its input, tensors still alive and small tensors the forward kept (no larger than the
+  layer's largest parameter, 1/16 of the stack's input in all: ``exp(log_scale)``, ``W^T``), the
+  inverse alone rebuilds it; otherwise it is run forward again under the capture hook.
 * a layer whose input is still alive (the stack's input held by the caller), or whose input the
   stack kept (a layer that draws random numbers outside sub-networks), is simply run forward again
   from it.
@@ -143,15 +145,19 @@ def _dead():
 
 
 class _Saved:
-    """What the forward pass knew of one saved tensor: a weak reference, its version, its type."""
+    """What the forward pass knew of one saved tensor: a weak reference, its version, its type,
+    whether it is the layer's input, and (for a small tensor without the batch dimension, such as
+    ``exp`` of a parameter) the tensor itself."""
 
-    __slots__ = ("ref", "version", "shape", "dtype")
+    __slots__ = ("ref", "version", "shape", "dtype", "is_input", "kept")
 
-    def __init__(self, t: Tensor):
+    def __init__(self, t: Tensor, is_input: bool = False, kept: Tensor | None = None):
         self.ref = weakref.ref(t)
         self.version = t._version
         self.shape = t.shape
         self.dtype = t.dtype
+        self.is_input = is_input
+        self.kept = kept
 
 
 class _Kept:
@@ -182,7 +188,8 @@ class _Leaf:
 
     __slots__ = ("layer", "index", "frames", "subnets", "input_ref", "input_version", "input_flag",
                  "held_input", "rng", "module_state", "fingerprint", "want_log_det", "captured",
-                 "rebuilt", "passed_input", "result", "output_ref", "pending", "owns_rebuilt")
+                 "rebuilt", "passed_input", "result", "output_ref", "pending", "owns_rebuilt",
+                 "keep_limit")
 
     def __init__(self, layer: nn.Module, index: int, x: Tensor, want_log_det: bool):
         self.layer, self.index, self.want_log_det = layer, index, want_log_det
@@ -205,6 +212,9 @@ class _Leaf:
         self.pending: tuple | None = None
         # ``rebuilt`` is a buffer the engine made and nobody else holds (a staged coupling's)
         self.owns_rebuilt = False
+        # saved tensors of at most this many elements and without the batch dimension are kept
+        # (set by the forward: the layer's largest parameter, at most 1/8 of its input)
+        self.keep_limit = 0
 
 
 # recorder modes
@@ -369,16 +379,21 @@ class ReversibleCall:
         # generator states at the end of the previous layer, when nothing has run since: the
         # start states of the next layer (one state taken per layer instead of two)
         self._rng_after: RngState | None = None
+        self.keep_budget = 0  # bytes of small saved tensors still to be kept (see ``_pack``)
+        self._kept: dict[int, Tensor] = {}  # during forward: id -> the tensors kept so far
 
     # ------------------------------------------------------------------ forward
 
     def run(self, layers: Sequence[nn.Module], x: Tensor, want_log_det: bool
             ) -> tuple[Tensor, Tensor | None]:
+        self.keep_budget = x.numel() * x.element_size() // 16
+        self._kept: dict[int, Tensor] = {}
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 y, log_det = self.run_layers(layers, x, want_log_det)
         finally:
             self._rng_after = None  # not kept for backward
+            self._kept = {}  # the records hold what is kept
         self.output = y.detach()
         self.output_version = y._version
         return y, log_det
@@ -418,6 +433,8 @@ class ReversibleCall:
         if self.tolerance is not None:
             leaf.fingerprint = Fingerprint(x)
         leaf.module_state.begin(layer)
+        if self.keep_budget > 0:
+            leaf.keep_limit = leaf.module_state.largest_parameter
         start = self._rng_after if self._rng_after is not None else RngState.take(self.devices)
         self._rng_after = None
         with recording(_Recorder(RECORD, layer, self, leaf)):
@@ -433,6 +450,12 @@ class ReversibleCall:
             raise TypeError(f"{where} returned a {type(y).__name__}, not a tensor; a layer of a "
                             "reversible stack maps one tensor to one tensor")
         leaf.output_ref = weakref.ref(y)
+        if leaf.subnets and leaf.keep_limit:  # rebuilt by its inverse and a re-run anyway
+            for records in leaf.frames.values():
+                for record in records:
+                    t, record.kept = record.kept, None
+                    if t is not None and self._kept.pop(id(t), None) is not None:
+                        self.keep_budget += t.numel() * t.element_size()
         leaf.module_state.finish()
         end = RngState.take(self.devices)
         self._rng_after = end
@@ -473,8 +496,31 @@ class ReversibleCall:
         if recorder is None or recorder.call is not self or recorder.mode != RECORD:
             return _Kept(t)
         frame = recorder.frame
-        frame.append(_Saved(t))
-        return (recorder.leaf.index, recorder.frame_name, len(frame) - 1)
+        leaf = recorder.leaf
+        x = leaf.passed_input
+        if t is x or (recorder.frame_name == "" and _aliases(t, x)):
+            frame.append(_Saved(t, is_input=True))
+        elif t.numel() <= leaf.keep_limit and not (t.requires_grad and t.is_leaf) and self._keep(t):
+            # parameter-sized (e.g. ActNorm's exp(log_scale)): kept, as ordinary autograd keeps
+            # it, so that a layer saving only such tensors and its input needs no re-run
+            frame.append(_Saved(t, kept=t))
+        else:
+            frame.append(_Saved(t))
+        return (leaf.index, recorder.frame_name, len(frame) - 1)
+
+    def _keep(self, t: Tensor) -> bool:
+        """Whether ``t`` fits in what is left of the budget for kept tensors (1/16 of the
+        stack's input in all; a tensor saved twice counts once)."""
+        if id(t) in self._kept:
+            return True
+        base = t._base
+        size = 0 if base is not None and base.grad_fn is None else t.numel() * t.element_size()  # a
+        # view of a parameter (W^T) costs no memory
+        if size > self.keep_budget:
+            return False
+        self.keep_budget -= size
+        self._kept[id(t)] = t
+        return True
 
     def _unpack(self, packed):
         if packed.__class__ is _Kept:
@@ -581,6 +627,18 @@ class ReversibleCall:
             if leaf.index + 1 < len(self.leaves):
                 self.leaves[leaf.index + 1].rebuilt = None
         leaf.pending, leaf.owns_rebuilt = None, False
+        if x is None and self._inverse_only(leaf):
+            # everything it saved is its input, kept or alive: the inverse alone rebuilds it
+            with rebuilding(), self.autocast.replay(), leaf.module_state.replay(), torch.no_grad(), \
+                    recording(_Recorder(INVERT, leaf.layer, self, leaf)):
+                x = layer_inverse(leaf.layer, y.detach(), self.context)
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{where}: inverse must return a tensor")
+            leaf.captured = {key: [x if record.is_input else _GONE for record in records]
+                             for key, records in leaf.frames.items()}
+            leaf.rebuilt = x
+            self._check_fingerprint(leaf, x, where)
+            return
         if x is None and _staged(leaf):
             # one sub-network at a time, each when autograd first unpacks what it saved
             layer = leaf.layer
@@ -604,6 +662,15 @@ class ReversibleCall:
         leaf.rebuilt = rebuilt
         if rebuilt is not None:
             self._check_fingerprint(leaf, rebuilt, where)
+
+    @staticmethod
+    def _inverse_only(leaf: _Leaf) -> bool:
+        """Whether ``leaf`` (a layer without sub-networks whose input is gone) saved only its
+        input and tensors that are still alive, so that its inverse rebuilds everything."""
+        if leaf.subnets or leaf.held_input is not None:
+            return False
+        return all(record.is_input or record.ref() is not None
+                   for records in leaf.frames.values() for record in records)
 
     def _advance(self, leaf: _Leaf, until: str | None) -> None:
         """Drive a staged rebuild of ``leaf`` until sub-network ``until`` has been evaluated (to

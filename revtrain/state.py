@@ -212,6 +212,11 @@ class ModuleState:
             slot.version = tensor._version
 
     @property
+    def largest_parameter(self) -> int:
+        """Elements of the layer's largest parameter (0 without parameters)."""
+        return max((s.tensor.numel() for s in self.slots if not s.is_buffer), default=0)
+
+    @property
     def nbytes(self) -> int:
         """Bytes of buffer values kept for the replay."""
         return sum(s.start.numel() * s.start.element_size() for s in self.slots if s.start is not None)

@@ -301,8 +301,9 @@ def test_spline_memory_held_is_the_output_only():
 
     rev = held(2, "reversible"), held(8, "reversible")
     stored = held(2, "stored"), held(8, "stored")
-    assert rev[1] <= 1.05 * rev[0]
-    assert stored[1] > 2 * stored[0]
+    kept = 64 * 6 * 4 // 16  # the engine's budget for small parameter-sized saved tensors
+    assert rev[1] <= 1.05 * rev[0] + kept, rev
+    assert stored[1] > 2 * stored[0] + kept
 
 
 # ---------------------------------------------------------------------------- GIN
