@@ -241,3 +241,116 @@ def test_pure_flow_reference_is_trained_with_and_without_weight_decay(hybrid):
     assert [r for r in same if r[0] is None] == [(None, "reversible", "none", 0.1)]
     assert hybrid.main(["--dry-run", "--weight-decay", "0", "--quick"])["runs"] == [
         (None, "reversible", "none", 0.0), (0.0, "reversible", "none", 0.0)]
+
+
+def test_validation_split_is_disjoint_and_seed_independent(hybrid):
+    fit, val = hybrid.validation_indices(1500)
+    assert len(val) == 300 and len(fit) == 1200
+    assert set(fit.tolist()).isdisjoint(val.tolist())
+    assert set(fit.tolist()) | set(val.tolist()) == set(range(1500))
+    again_fit, again_val = hybrid.validation_indices(1500)  # fixed: the same for every seed
+    assert torch.equal(fit, again_fit) and torch.equal(val, again_val)
+    data = hybrid.load_digits_labelled()
+    fit_x, fit_y, val_x, val_y = hybrid.split_validation(data)
+    assert fit_x.shape == (1200, 1, 8, 8) and val_x.shape == (300, 1, 8, 8)
+    torch.testing.assert_close(val_x, data[0][val])  # held out of the training images
+    torch.testing.assert_close(fit_y, data[1][fit])
+    assert set(val_y.tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="held_out"):
+        hybrid.validation_indices(10, 10)
+
+
+def _train_steps(hybrid, averages, steps=3):
+    flow, head = _tiny()
+    model = nn.ModuleDict({"flow": flow, "head": head})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    snapshots = []
+    for k in range(steps):
+        y, log_q, labels = _batch(k)
+        loss, _ = hybrid.joint_loss(flow, head, y, log_q, labels, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        averages.update(model)
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+    return model, snapshots
+
+
+def test_weight_averages_are_an_ema_that_differs_from_the_raw_weights(hybrid):
+    averages = hybrid.WeightAverages([0.0, 0.9])
+    assert averages.decays == [0.9]  # 0 is the raw weights: nothing to average
+    model, snaps = _train_steps(hybrid, averages)
+    mods = averages.modules(model)
+    assert list(mods) == ["raw", "ema 0.9"] and mods["raw"] is model
+    ema = mods["ema 0.9"]
+    # the first update copies the weights, then ema <- 0.9 ema + 0.1 p after every step
+    expected = snaps[0]
+    for snap in snaps[1:]:
+        expected = [0.9 * e + 0.1 * p for e, p in zip(expected, snap)]
+    for e, p in zip(expected, ema.parameters()):
+        torch.testing.assert_close(p, e)
+    assert any(not torch.allclose(p, r) for p, r in zip(ema.parameters(), model.parameters()))
+    # buffers (ActNorm's initialised flag among them) come from the trained module
+    for mine, theirs in zip(ema.buffers(), model.buffers()):
+        assert torch.equal(mine, theirs)
+    with pytest.raises(ValueError, match="decays"):
+        hybrid.WeightAverages([1.0])
+
+
+def test_training_evaluates_raw_and_averaged_weights(hybrid):
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 17, (32, 1, 8, 8), generator=gen), torch.arange(32) % 10,
+            torch.randint(0, 17, (8, 1, 8, 8), generator=gen), torch.arange(8) % 10)
+    config = {"model": "realnvp", "hidden": 4}
+    row = hybrid.train_hybrid(2.0, "reversible", 2, data, batch=8, flow_config=config,
+                              ema=(0.5, 0.0), head_dropout=0.2)
+    assert list(row["evaluations"]) == ["raw", "ema 0.5"] and row["ema"] == "ema 0.5"
+    assert row["test_bpd"] == row["evaluations"]["ema 0.5"]["bpd"]
+    assert row["test_bpd"] != row["evaluations"]["raw"]["bpd"]
+    assert row["head_dropout"] == 0.2 and row["eval_images"] == 8
+    raw = hybrid.train_hybrid(2.0, "reversible", 2, data, batch=8, flow_config=config,
+                              head_dropout=0.2)
+    assert list(raw["evaluations"]) == ["raw"]  # the default: raw weights only, same training
+    assert raw["evaluations"]["raw"] == row["evaluations"]["raw"]
+
+
+def test_head_dropout_acts_in_training_only(hybrid):
+    head = hybrid.LatentHead(64, 10, dropout=0.5)
+    z = torch.randn(16, 64)
+    torch.manual_seed(0)
+    assert not torch.allclose(head(z), head.linear(z))
+    head.eval()
+    torch.testing.assert_close(head(z), head.linear(z))
+
+
+def test_targets_per_seed_against_that_seeds_pure_flows(hybrid):
+    def row(seed, lam, raw, ema, acc=99.0):
+        return {"seed": seed, "lam": lam, "evaluations": {
+            "raw": {"bpd": raw, "accuracy": acc}, "ema 0.9": {"bpd": ema, "accuracy": acc}}}
+
+    rows = [row(0, None, 2.00, 2.05), row(0, None, 2.10, 2.03), row(0, 2.0, 2.2, 2.09),
+            row(1, None, 2.50, 2.40), row(1, 2.0, 2.45, 2.45, acc=98.0)]
+    refs = hybrid.add_targets(rows, "ema 0.9")
+    assert refs == {"0": 2.00, "1": 2.40}  # lowest of raw and EMA over the seed's pure flows
+    assert rows[2]["bpd_minus_pure_flow"] == pytest.approx(0.09) and rows[2]["meets_targets"]
+    assert rows[2]["targets_by_evaluation"]["raw"]["bpd_minus_pure_flow"] == pytest.approx(0.2)
+    assert not rows[4]["meets_targets"]  # 98.0 % is more than a point below the RevNet
+    assert not rows[0]["meets_targets"]  # pure flows never meet them
+
+
+def test_seeds_and_validate_give_per_seed_rows_and_a_summary(hybrid, tmp_path):
+    out = tmp_path / "hybrid.json"
+    report = hybrid.main(["--quick", "--seeds", "0", "1", "--validate", "--ema", "0.9", "0",
+                          "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [(r["seed"], r["lam"]) for r in saved["runs"]] == [(0, None), (0, 0.0),
+                                                              (1, None), (1, 0.0)]
+    assert all(r["train_images"] == 1200 and r["eval_images"] == 300 for r in report["runs"])
+    assert saved["config"]["evaluated_on"].startswith("validation")
+    assert set(saved["config"]["pure_flow_reference_bpd"]) == {"0", "1"}
+    hybrid_summary = [s for s in saved["summary"] if s["lam"] == 0.0][0]
+    assert hybrid_summary["seeds"] == [0, 1] and len(hybrid_summary["meets_targets"]) == 2
+    accs = [r["test_accuracy"] for r in saved["runs"] if r["lam"] == 0.0]
+    assert hybrid_summary["accuracy"]["min"] == min(accs)
+    assert hybrid_summary["accuracy"]["mean"] == pytest.approx(sum(accs) / 2, abs=0.01)
+    assert saved["runs"][0]["test_bpd"] != saved["runs"][2]["test_bpd"]  # seeds differ
