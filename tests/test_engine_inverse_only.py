@@ -86,7 +86,7 @@ def test_actnorm_and_invconv_are_rebuilt_without_a_rerun_and_match_the_twin(shap
 
 def test_a_coupling_keeps_nothing():
     """A layer with sub-networks is re-run in backward anyway: nothing of it is kept."""
-    from tests.engine_helpers import stack
+    from engine_helpers import stack
 
     x = torch.randn(2, 4, 6, 6)
     held = {kind: measure_step(stack(4, kind), x)["held_bytes"] for kind in ("additive", "affine")}
