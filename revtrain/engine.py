@@ -146,8 +146,8 @@ def _dead():
 
 class _Saved:
     """What the forward pass knew of one saved tensor: a weak reference, its version, its type,
-    whether it is the layer's input, and (for a small tensor without the batch dimension, such as
-    ``exp`` of a parameter) the tensor itself."""
+    whether it is the layer's input, and (for a small, parameter-sized tensor such as ``exp`` of a
+    parameter, while the budget lasts) the tensor itself."""
 
     __slots__ = ("ref", "version", "shape", "dtype", "is_input", "kept")
 
@@ -212,8 +212,8 @@ class _Leaf:
         self.pending: tuple | None = None
         # ``rebuilt`` is a buffer the engine made and nobody else holds (a staged coupling's)
         self.owns_rebuilt = False
-        # saved tensors of at most this many elements and without the batch dimension are kept
-        # (set by the forward: the layer's largest parameter, at most 1/8 of its input)
+        # saved tensors of at most this many elements are kept while the call's budget lasts (set
+        # by the forward: the layer's largest parameter)
         self.keep_limit = 0
 
 
@@ -387,7 +387,7 @@ class ReversibleCall:
     def run(self, layers: Sequence[nn.Module], x: Tensor, want_log_det: bool
             ) -> tuple[Tensor, Tensor | None]:
         self.keep_budget = x.numel() * x.element_size() // 16
-        self._kept: dict[int, Tensor] = {}
+        self._kept = {}
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 y, log_det = self.run_layers(layers, x, want_log_det)
