@@ -14,7 +14,9 @@ inverted from its output (without grad), each coupling's sub-networks evaluated 
 (their saved tensors are what backward needs) and its element-wise transform run again with
 grad (to save what the transform's backward needs). ``floor_ratio`` = (stored step + that) /
 stored step is what a reversible step would cost with no engine bookkeeping at all: the part
-of the ratio that cutting per-layer or per-tensor overhead cannot remove.
+of the ratio that cutting per-layer or per-tensor overhead cannot remove. A fourth row is the
+stored step under identity ``saved_tensors_hooks`` (PyTorch's cost of hooking every saved
+tensor, which the engine's design needs); ``floor_with_hooks_ratio`` adds the arithmetic to it.
 
 Usage::
 
@@ -124,8 +126,13 @@ def time_modes(name: str, rounds: int, steps: int, batch: int = 512) -> dict[str
     arithmetic = rebuild_arithmetic(models["stored"], x)
     with torch.no_grad():
         rebuilt_error = float((arithmetic() - x).abs().max())  # it does invert the stack
+    def stored_under_hooks():  # the stored step under identity saved-tensor hooks
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            loss = -models["stored"].log_prob(x).mean()
+        loss.backward()
+
     work = {**{m: (lambda model=model: step(model)) for m, model in models.items()},
-            "rebuild_arithmetic": arithmetic}
+            "rebuild_arithmetic": arithmetic, "stored_under_hooks": stored_under_hooks}
     times: dict[str, dict[str, list[float]]] = {m: {"wall": [], "cpu": []} for m in work}
     for r in range(rounds):
         order = list(work) if r % 2 == 0 else list(reversed(work))
@@ -139,6 +146,8 @@ def time_modes(name: str, rounds: int, steps: int, batch: int = 512) -> dict[str
     best = {m: {k: round(min(v), 3) for k, v in t.items()} for m, t in times.items()}
     floor = {k: round((best["stored"][k] + best["rebuild_arithmetic"][k]) / best["stored"][k], 3)
              for k in ("wall", "cpu")}
+    hooked_floor = {k: round((best["stored_under_hooks"][k] + best["rebuild_arithmetic"][k])
+                             / best["stored"][k], 3) for k in ("wall", "cpu")}
     return {
         "model": name, "config": dict(dim=2, num_layers=12, hidden=64, depth=2), "batch": batch,
         "rounds": rounds, "steps_per_round": steps,
@@ -146,6 +155,9 @@ def time_modes(name: str, rounds: int, steps: int, batch: int = 512) -> dict[str
         "ratio_wall": round(best["reversible"]["wall"] / best["stored"]["wall"], 3),
         "ratio_cpu": round(best["reversible"]["cpu"] / best["stored"]["cpu"], 3),
         "floor_ratio_wall": floor["wall"], "floor_ratio_cpu": floor["cpu"],
+        "hooks_ratio_cpu": round(best["stored_under_hooks"]["cpu"] / best["stored"]["cpu"], 3),
+        "floor_with_hooks_ratio_wall": hooked_floor["wall"],
+        "floor_with_hooks_ratio_cpu": hooked_floor["cpu"],
         "rebuild_arithmetic_max_error": rebuilt_error,
         "target_ratio": TARGET,
         "all_rounds_ms": {m: {k: [round(v, 2) for v in vs] for k, vs in t.items()}
@@ -172,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
               f"reversible {r['ms_per_step']['reversible']['wall']:.2f} ms, ratio "
               f"{r['ratio_wall']:.3f} wall / {r['ratio_cpu']:.3f} CPU (target <= {TARGET}); "
               f"rebuild arithmetic alone {r['ms_per_step']['rebuild_arithmetic']['wall']:.2f} ms, "
-              f"floor {r['floor_ratio_wall']:.3f} wall / {r['floor_ratio_cpu']:.3f} CPU")
+              f"floor {r['floor_ratio_wall']:.3f} wall / {r['floor_ratio_cpu']:.3f} CPU; identity "
+              f"saved-tensor hooks {r['hooks_ratio_cpu']:.3f}x the stored step, floor with them "
+              f"{r['floor_with_hooks_ratio_cpu']:.3f} CPU")
     previous = json.loads(args.out.read_text())["records"] if args.out.exists() else []
     write_json(args.out, {"benchmark": "small_layers", "records": [*previous, record]})
     print(f"wrote {args.out}")

@@ -41,6 +41,8 @@ def test_smoke_record_has_the_floor_beside_the_ratio(tmp_path):
     records = json.loads(out.read_text())["records"]
     assert [r["label"] for r in records] == ["t", "u"]  # appended, not overwritten
     result = records[-1]["results"][0]
-    assert set(result["ms_per_step"]) == {"stored", "reversible", "rebuild_arithmetic"}
+    assert set(result["ms_per_step"]) == {"stored", "reversible", "rebuild_arithmetic",
+                                          "stored_under_hooks"}
     assert result["floor_ratio_cpu"] > 1 and result["ratio_cpu"] > 1
+    assert result["floor_with_hooks_ratio_cpu"] > result["hooks_ratio_cpu"] > 0
     assert result["rebuild_arithmetic_max_error"] < 1e-4
