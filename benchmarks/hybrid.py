@@ -32,7 +32,9 @@ each ``--lam`` to that value over training; ``--ce-warmup F`` ramps the CE weigh
 over the first fraction F of training (density first). ``--augment shift``: the digits
 RevNet's 1-pixel shifts on every training batch (both terms; the pure flow is then trained
 with and without them and the lower test bits/dim is the reference); ``--augment shift-ce``:
-shifted copies for the classification term only. ``--head-dropout P``: dropout on the latent
+shifted copies for the classification term only; ``--augment shift-ce-both``: the
+classification term on the images and a shifted copy of each (its mean over both), the
+likelihood term on the images only. ``--head-dropout P``: dropout on the latent
 the head reads, in training. ``--ema D [D ...]``: exponential moving averages of the weights
 (flow and head, :class:`torch.optim.swa_utils.AveragedModel`), for hybrids and pure flows
 alike, each evaluated with the raw weights on the same dequantization draws; the first decay
@@ -81,7 +83,7 @@ from revtrain.models import create  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 REVNET_DIGITS_ACC = 99.17  # configs/digits_revnet.yaml, test top-1 (%)
 LATENTS = ("all", "top")
-AUGMENTS = ("none", "shift", "shift-ce")
+AUGMENTS = ("none", "shift", "shift-ce", "shift-ce-both")
 VALIDATION_HELD_OUT = 300  # training images held out by --validate
 VALIDATION_SEED = 1234  # their permutation: the same for every --seeds value
 DEFAULT_FLOW: dict[str, Any] = {"model": "glow", "hidden": 64, "levels": 2, "steps": 8,
@@ -123,7 +125,8 @@ def split_validation(data: tuple[Tensor, ...], held_out: int = VALIDATION_HELD_O
 
 def joint_loss(flow: nn.Module, head: nn.Module, y: Tensor, log_q: Tensor, labels: Tensor,
                lam: float | None, y_cls: Tensor | None = None, label_smoothing: float = 0.0,
-               ce_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
+               ce_weight: float = 1.0, ce_on_both: bool = False
+               ) -> tuple[Tensor, dict[str, float]]:
     r"""Hybrid loss of a dequantized batch ``y`` (with ``log_q`` of the dequantizer).
 
     ``lam`` a number: :math:`\mathrm{CE}(\mathrm{head}(z), y) + \lambda\,\mathrm{NLL}/D`
@@ -131,7 +134,9 @@ def joint_loss(flow: nn.Module, head: nn.Module, y: Tensor, log_q: Tensor, label
     :math:`\mathrm{NLL}/D + \mathrm{CE}(\mathrm{head}(z.\mathrm{detach}()), y)` (the head is
     a probe; no classifier gradient reaches the flow). ``y_cls``: another view of the same
     images (e.g. shifted) for the classification term only; it goes through the flow in the
-    same call as ``y`` (a batch of 2B). ``label_smoothing``: that of
+    same call as ``y`` (a batch of 2B); ``ce_on_both``: the classification term on both views
+    (the mean over the 2B latents, labels repeated), the likelihood still on ``y`` only; then
+    ``correct`` counts the ``y_cls`` view's. ``label_smoothing``: that of
     :func:`torch.nn.functional.cross_entropy`, :math:`(1 - \epsilon)` on the label and
     :math:`\epsilon / 10` on every class. ``ce_weight`` multiplies the hybrid's CE term (a
     schedule's current weight; the pure flow's probe ignores it). Returns the loss and its
@@ -139,15 +144,16 @@ def joint_loss(flow: nn.Module, head: nn.Module, y: Tensor, log_q: Tensor, label
     """
     n = len(y)
     z, log_det = flow.forward_and_log_det(y if y_cls is None else torch.cat([y, y_cls]))
-    z_cls = z if y_cls is None else z[n:]  # (B, D) flat latents
+    z_cls = z if y_cls is None or ce_on_both else z[n:]  # (B or 2B, D) flat latents
+    labels_cls = labels.repeat(2) if y_cls is not None and ce_on_both else labels
     z, log_det = z[:n], log_det[:n]
     num_dims = z.shape[1]
     nll = -(flow.prior.log_prob(z) + log_det - log_q) / num_dims  # nats/dim, (B,)
     logits = head(z_cls.detach() if lam is None else z_cls)
-    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    ce = F.cross_entropy(logits, labels_cls, label_smoothing=label_smoothing)
     loss = nll.mean() + ce if lam is None else ce_weight * ce + lam * nll.mean()
     parts = {"ce": ce.item(), "bpd": nll.mean().item() / math.log(2),
-             "correct": int((logits.argmax(1) == labels).sum())}
+             "correct": int((logits[-n:].argmax(1) == labels).sum())}
     return loss, parts
 
 
@@ -313,12 +319,13 @@ def train_hybrid(lam: float | None, memory: str, epochs: int, data: tuple[Tensor
             if augment == "shift":
                 x = shift_augment(x, aug_gen)
             y, log_q = deq(x)
-            if augment == "shift-ce":
+            if augment in ("shift-ce", "shift-ce-both"):
                 y_cls, _ = deq(shift_augment(x, aug_gen))
             lam_t, ce_weight = (None, 1.0) if lam is None else schedule(
                 step / total_steps, lam, lam_end, ce_warmup)
             loss, parts = joint_loss(flow, head, y, log_q, train_y[idx], lam_t, y_cls,
-                                     label_smoothing, ce_weight)
+                                     label_smoothing, ce_weight,
+                                     ce_on_both=augment == "shift-ce-both")
             step += 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -377,7 +384,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--augment", choices=list(AUGMENTS), default="none",
                         help="shift: the digits RevNet's 1-pixel shifts on every training "
                              "batch; shift-ce: shifted copies for the classification term "
-                             "only, the likelihood term on the images as they are")
+                             "only, the likelihood term on the images as they are; "
+                             "shift-ce-both: the classification term on the images and a "
+                             "shifted copy, the likelihood term on the images")
     parser.add_argument("--pure-augment", choices=["same", "both"], default="both",
                         help="pure flow reference: with the hybrids' augmentation only, or "
                              "with and without it (the reference is the lower test bits/dim)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 
 import pytest
 import torch
@@ -149,6 +150,40 @@ def test_classifier_view_changes_the_ce_only(hybrid):
     assert both["ce"] != pytest.approx(same["ce"], rel=1e-3)
 
 
+def test_ce_on_both_views_is_the_mean_of_the_two_ces(hybrid, monkeypatch):
+    flow, head = _tiny()
+    y, log_q, labels = _batch()
+    y_cls = y.flip(-1)
+    with torch.no_grad():
+        flow.forward_and_log_det(y)  # ActNorm's data-dependent initialisation
+        _, same = hybrid.joint_loss(flow, head, y, log_q, labels, 1.0)
+        _, cls_only = hybrid.joint_loss(flow, head, y, log_q, labels, 1.0, y_cls)
+        loss, both = hybrid.joint_loss(flow, head, y, log_q, labels, 1.0, y_cls,
+                                       ce_on_both=True)
+    assert both["bpd"] == pytest.approx(same["bpd"], rel=1e-5)  # likelihood on y only
+    assert both["ce"] == pytest.approx((same["ce"] + cls_only["ce"]) / 2, rel=1e-5)
+    assert both["ce"] != pytest.approx(cls_only["ce"], rel=1e-3)
+    assert loss.item() == pytest.approx(both["ce"] + same["bpd"] * math.log(2), rel=1e-5)
+    assert both["correct"] == cls_only["correct"]  # counted on the y_cls view
+    # and training takes it: the option reaches joint_loss through train_hybrid
+    seen = []
+    real = hybrid.joint_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("ce_on_both"))
+        return real(*args, **kwargs)
+
+    data = (torch.randint(0, 17, (8, 1, 8, 8)), torch.arange(8) % 10,
+            torch.randint(0, 17, (4, 1, 8, 8)), torch.arange(4) % 10)
+    config = {"model": "realnvp", "hidden": 4, "levels": 2}
+    monkeypatch.setattr(hybrid, "joint_loss", spy)
+    hybrid.train_hybrid(1.0, "reversible", 1, data, batch=8, augment="shift-ce-both",
+                        flow_config=config)
+    hybrid.train_hybrid(1.0, "reversible", 1, data, batch=8, augment="shift-ce",
+                        flow_config=config)
+    assert seen == [True, False]
+
+
 def test_top_latent_head_reads_the_last_level_only(hybrid):
     flow, _ = _tiny()
     top = hybrid.top_dims(flow)
@@ -207,9 +242,10 @@ def test_training_follows_the_schedule_per_step(hybrid, monkeypatch):
     joint_loss = hybrid.joint_loss
 
     def spy(flow, head, y, log_q, labels, lam, y_cls=None, label_smoothing=0.0,
-            ce_weight=1.0):
+            ce_weight=1.0, **kwargs):
         seen.append((lam, ce_weight, label_smoothing))
-        return joint_loss(flow, head, y, log_q, labels, lam, y_cls, label_smoothing, ce_weight)
+        return joint_loss(flow, head, y, log_q, labels, lam, y_cls, label_smoothing, ce_weight,
+                          **kwargs)
 
     monkeypatch.setattr(hybrid, "joint_loss", spy)
     gen = torch.Generator().manual_seed(0)
