@@ -8,7 +8,9 @@ information), that varying one large latent dimension around a class mean gives 
 interpretable change of the image, and that the model classifies by :math:`p(y \mid x)`.
 
 This script trains ``cond_gin_digits`` (``memory="reversible"``) and its stored twin (the
-same initial weights, the same batches and dequantization noise) on the 1500-image digits
+same initial weights, the same batches and dequantization noise), and as a control of how far
+float32 rounding alone carries a training run, the stored twin with its weights moved by a
+relative 1e-7, on the 1500-image digits
 training split of ``benchmarks/conditional.py`` (17 grey levels, uniform dequantization; its
 ``train_flow`` loop: Adam, cosine schedule, batch 64) and reports, on the 297 test images:
 
@@ -59,6 +61,7 @@ NOISE_FLOOR = 1.0 / (LEVELS * math.sqrt(12.0))  # std of the uniform dequantizat
 FRACTIONS = (0.9, 0.99)
 EPOCHS, LR = 100, 5e-3
 FIGURE_CLASSES = (0, 2, 3, 4, 7)
+PERTURBATION = 1e-7
 SIGMAS = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
 
 
@@ -228,8 +231,15 @@ def run_seed(seed: int, epochs: int, lr: float, data, kwargs: dict) -> tuple[dic
     torch.manual_seed(seed)
     model = create("cond_gin_digits", memory="reversible", **kwargs)
     twin = revtrain.set_memory(copy.deepcopy(model), "stored")
+    # the control: the stored twin with every weight moved by a relative 1e-7 (float32 rounding
+    # size, what one step's reversible reconstruction changes): how far rounding alone carries
+    perturbed = copy.deepcopy(twin)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.mul_(1 + PERTURBATION * torch.randn(p.shape, generator=gen))
     out: dict[str, Any] = {"seed": seed}
-    for name, m in (("reversible", model), ("stored_twin", twin)):
+    for name, m in (("reversible", model), ("stored_twin", twin), ("stored_perturbed", perturbed)):
         torch.manual_seed(seed + 1)  # the same dequantization noise for both
         rec = train_flow(m, True, x_train, y_train, epochs, lr=lr, seed=seed)
         rec["final_train_bpd"] = rec["train_bpd_per_epoch"][-1]
@@ -241,6 +251,8 @@ def run_seed(seed: int, epochs: int, lr: float, data, kwargs: dict) -> tuple[dic
               f"{rec['train_seconds']} s", flush=True)
     out["bpd_gap_reversible_minus_stored"] = round(
         out["reversible"]["test_bpd_conditional"] - out["stored_twin"]["test_bpd_conditional"], 6)
+    out["bpd_gap_perturbed_minus_stored"] = round(
+        out["stored_perturbed"]["test_bpd_conditional"] - out["stored_twin"]["test_bpd_conditional"], 6)
     return out, model
 
 
@@ -269,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "loss": "bits/dim of log p(x | y), uniform dequantization, 17 levels",
                    "split": {"train": len(data[0]), "test": len(data[2])}, "quick": args.quick,
                    "seeding": "seed s: weights torch.manual_seed(s), copied into the stored twin; "
-                              "training noise manual_seed(s + 1); test noise manual_seed(s + 2)"},
+                              "training noise manual_seed(s + 1); test noise manual_seed(s + 2); "
+                              "stored_perturbed: the twin's weights times 1 + 1e-7 N(0, 1)"},
         "runs": [],
     }
     first = None
@@ -304,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def summary(key: str) -> dict[str, Any]:
         return {name: {"per_seed": [r[name][key] for r in report["runs"]],
                        **spread([r[name][key] for r in report["runs"]], 4)}
-                for name in ("reversible", "stored_twin")}
+                for name in ("reversible", "stored_twin", "stored_perturbed")}
 
     report["summary"] = {
         "seeds": args.seeds,
@@ -312,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "test_bpd_marginal": summary("test_bpd_marginal"),
         "test_accuracy_posterior": summary("test_accuracy_posterior"),
         "gap_bpd_reversible_minus_stored": [r["bpd_gap_reversible_minus_stored"] for r in report["runs"]],
+        "gap_bpd_perturbed_minus_stored": [r["bpd_gap_perturbed_minus_stored"] for r in report["runs"]],
         "dims_for_variance_fraction": {
             str(f): [r["reversible"]["spectrum"]["dims_for_variance_fraction"][str(f)]
                      for r in report["runs"]] for f in FRACTIONS},

@@ -95,6 +95,7 @@ def test_quick_run_writes_the_report(gin, tmp_path, one_thread):
         assert 1 <= counts["0.9"] <= counts["0.99"] <= 64
         assert rec["mean_roundtrip_max_abs"] < 1e-3
     assert abs(run["bpd_gap_reversible_minus_stored"]) < 1e-3
+    assert "test_bpd_conditional" in run["stored_perturbed"]
     assert saved["pca_reference"]["dims_for_variance_fraction"]["0.9"] < 64
     assert saved["environment"]["command"] and saved["environment"]["total_seconds"] > 0
     assert set(saved["summary"]) >= {"test_bpd_conditional", "test_bpd_marginal", "test_accuracy_posterior",
