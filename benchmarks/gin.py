@@ -117,7 +117,7 @@ def pca_reference(images: Tensor, labels: Tensor, classes: int = 10) -> dict[str
 
 def centres(images: Tensor) -> Tensor:
     """Cell centres ``(x + 1/2) / 17`` of integer images: a deterministic dequantization."""
-    return (images.double() + 0.5).float() / LEVELS
+    return (images.double() + 0.5).to(torch.get_default_dtype()) / LEVELS
 
 
 @torch.no_grad()
@@ -226,10 +226,11 @@ def evaluate(model, x_test: Tensor, y_test: Tensor, seed: int) -> dict[str, Any]
             "spectrum": spectrum(stds), "mean_roundtrip_max_abs": mean_roundtrip_error(model)}
 
 
-def run_seed(seed: int, epochs: int, lr: float, data, kwargs: dict) -> tuple[dict, Any]:
+def run_seed(seed: int, epochs: int, lr: float, data, kwargs: dict,
+             dtype: torch.dtype = torch.float32) -> tuple[dict, Any]:
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
-    model = create("cond_gin_digits", memory="reversible", **kwargs)
+    model = create("cond_gin_digits", memory="reversible", **kwargs).to(dtype)
     twin = revtrain.set_memory(copy.deepcopy(model), "stored")
     # the control: the stored twin with every weight moved by a relative 1e-7 (float32 rounding
     # size, what one step's reversible reconstruction changes): how far rounding alone carries
@@ -265,14 +266,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, a small model")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--double", action="store_true",
+                        help="float64 weights and data: the reversible and stored runs must then "
+                             "stay together far longer than in float32")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    previous = torch.get_default_dtype()
+    try:
+        return _run(args)
+    finally:
+        torch.set_default_dtype(previous)  # --double sets it for the run only
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     epochs = 2 if args.quick else args.epochs
     kwargs = {"hidden": 16, "num_layers": 2} if args.quick else {}
     data = digits_split()
+    dtype = torch.float64 if args.double else torch.float32
+    if args.double:  # weights, images (integers, exact in float64) and every new tensor
+        torch.set_default_dtype(torch.float64)
+        data = (data[0].double(), data[1], data[2].double(), data[3])
     report: dict[str, Any] = {
         "environment": environment(),
         "recipe": {"model": "cond_gin_digits", "model_kwargs": kwargs, "epochs": epochs, "lr": args.lr,
@@ -280,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 "(benchmarks/conditional.py train_flow)",
                    "loss": "bits/dim of log p(x | y), uniform dequantization, 17 levels",
                    "split": {"train": len(data[0]), "test": len(data[2])}, "quick": args.quick,
+                   "dtype": str(dtype),
                    "seeding": "seed s: weights torch.manual_seed(s), copied into the stored twin; "
                               "training noise manual_seed(s + 1); test noise manual_seed(s + 2); "
                               "stored_perturbed: the twin's weights times 1 + 1e-7 N(0, 1)"},
@@ -287,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     first = None
     for seed in range(args.seeds):
-        run, model = run_seed(seed, epochs, args.lr, data, kwargs)
+        run, model = run_seed(seed, epochs, args.lr, data, kwargs, dtype)
         report["runs"].append(run)
         first = first or model
     model = first

@@ -104,3 +104,14 @@ def test_quick_run_writes_the_report(gin, tmp_path, one_thread):
         png = tmp_path / f"gin_{key}.png"
         assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
     assert len(saved["figure"]["top_dims"]) == 6 and len(saved["figure"]["low_dims"]) == 3
+
+
+def test_double_run_keeps_reversible_and_stored_together(gin, tmp_path, one_thread):
+    out = tmp_path / "gin64.json"
+    report = gin.main(["--quick", "--double", "--epochs", "3", "--out", str(out)])
+    assert torch.get_default_dtype() == torch.float32  # restored after the run
+    assert report["recipe"]["dtype"] == "torch.float64"
+    run = report["runs"][0]
+    curves = [run[name]["train_bpd_per_epoch"] for name in ("reversible", "stored_twin")]
+    assert curves[0] == curves[1]  # to the 4 decimals recorded, every epoch
+    assert abs(run["bpd_gap_reversible_minus_stored"]) < 1e-9
