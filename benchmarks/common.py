@@ -363,6 +363,20 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     }
 
 
+def finish_figure(fig, ax, path: Path, xlabel: str, ylabel: str, title: str,
+                  legend_size: int = 8) -> None:
+    """Label ``ax``, add its legend, save ``fig`` to ``path`` (120 dpi) and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Write ``payload`` as indented JSON, creating the folder."""
     path = Path(path)

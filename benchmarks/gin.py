@@ -47,7 +47,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, spread, write_json  # noqa: E402
+from common import environment, finish_figure, spread, write_json  # noqa: E402
 from conditional import digits_split, test_bpd, train_flow  # noqa: E402
 
 import revtrain  # noqa: E402
@@ -203,13 +203,8 @@ def save_spectrum(runs: list[dict], pca: dict, path: Path) -> None:
     s = pca["sorted_class_mean_std"]
     ax.semilogy(range(1, len(s) + 1), s, "k--", lw=1, label="per-class PCA of the training images")
     ax.axhline(NOISE_FLOOR, color="grey", lw=0.8, ls=":", label="dequantization noise std")
-    ax.set_xlabel("latent dimension (sorted)")
-    ax.set_ylabel("learned std, mean over classes")
-    ax.set_title("cond_gin_digits: learned per-class standard deviations")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_figure(fig, ax, path, "latent dimension (sorted)", "learned std, mean over classes",
+                  "cond_gin_digits: learned per-class standard deviations", legend_size=7)
 
 
 # --------------------------------------------------------------------------- the run

@@ -46,7 +46,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, spread  # noqa: E402
+from benchmarks.common import environment, finish_figure, spread  # noqa: E402
 from benchmarks.flows import load_digits_split  # noqa: E402
 from revtrain.flows import UniformDequantization, bits_per_dim  # noqa: E402
 from revtrain.models import create  # noqa: E402
@@ -156,13 +156,8 @@ def plot(bpd: dict[str, torch.Tensor], train_mean: float, path: Path) -> None:
         ax.hist(values.clamp(lo, hi).numpy(), bins=bins, histtype="step", density=True,
                 label=name, linewidth=2 if name == "test digits" else 1)
     ax.axvline(train_mean, color="k", linestyle="--", linewidth=1, label="held-out train mean")
-    ax.set_xlabel("bits/dim (uniform dequantization)")
-    ax.set_ylabel("density")
-    ax.set_title("digits flow: bits/dim per image")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_figure(fig, ax, path, "bits/dim (uniform dequantization)", "density",
+                  "digits flow: bits/dim per image")
 
 
 def evaluate_seed(name: str, train: torch.Tensor, held_out: torch.Tensor, test: torch.Tensor,
