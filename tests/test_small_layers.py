@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
+import pytest
 import torch
 
-from benchmarks import small_layers
 from revtrain.flows import ActNorm
 from revtrain.models import create
+
+
+@pytest.fixture(scope="module")
+def small_layers(benchmarks_path):
+    return importlib.import_module("benchmarks.small_layers")
 
 
 def _model(name="realnvp"):
@@ -16,14 +22,14 @@ def _model(name="realnvp"):
     return create(name, dim=2, num_layers=3, hidden=8, depth=1, memory="stored").double()
 
 
-def test_rebuild_arithmetic_rebuilds_the_input_of_the_whole_stack():
+def test_rebuild_arithmetic_rebuilds_the_input_of_the_whole_stack(small_layers):
     for name in ("realnvp", "nsf"):
         x = torch.randn(16, 2, dtype=torch.float64)
         rebuilt = small_layers.rebuild_arithmetic(_model(name), x)()
         assert torch.allclose(rebuilt, x, atol=1e-10), name
 
 
-def test_rebuild_arithmetic_of_a_layer_with_a_wrong_inverse_does_not_rebuild(monkeypatch):
+def test_rebuild_arithmetic_of_a_layer_with_a_wrong_inverse_does_not_rebuild(small_layers, monkeypatch):
     monkeypatch.setattr(ActNorm, "inverse", lambda self, y: y)  # not the inverse
     model = _model()
     with torch.no_grad():
@@ -34,7 +40,7 @@ def test_rebuild_arithmetic_of_a_layer_with_a_wrong_inverse_does_not_rebuild(mon
     assert (small_layers.rebuild_arithmetic(model, x)() - x).abs().max() > 1e-2
 
 
-def test_smoke_record_has_the_floor_beside_the_ratio(tmp_path):
+def test_smoke_record_has_the_floor_beside_the_ratio(small_layers, tmp_path):
     out = tmp_path / "small.json"
     small_layers.main(["--smoke", "--models", "realnvp", "--label", "t", "--out", str(out)])
     small_layers.main(["--smoke", "--models", "realnvp", "--label", "u", "--out", str(out)])
