@@ -207,3 +207,25 @@ def test_a_failing_check_on_one_rank_fails_the_test(tmp_path):
     with pytest.raises(mp.ProcessRaisedException):
         _spawn(_failing_worker, tmp_path)
     assert not Path(tmp_path, "rank1").exists()
+
+
+def _aborting_worker(rank, world):
+    import atexit
+
+    if rank == 1:  # aborts at interpreter exit, after its checks and the process group's close
+        atexit.register(os.abort)
+
+
+def test_an_abort_after_both_ranks_finished_warns(tmp_path):
+    with pytest.warns(UserWarning, match="gloo aborted a process while closing"):
+        _spawn(_aborting_worker, tmp_path)
+
+
+def _aborting_early_worker(rank, world):
+    if rank == 1:  # aborts before its checks are marked done
+        os.abort()
+
+
+def test_an_abort_before_the_checks_finished_fails(tmp_path):
+    with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
+        _spawn(_aborting_early_worker, tmp_path)
