@@ -174,15 +174,17 @@ def _spawn(worker, done, world=2):
     more than 50 runs, under load, after both ranks had passed all their checks; that is reported
     as a warning, not as a failure of the engine. Any other exit, or an abort before both ranks
     finished, fails."""
+    def finished():
+        return all(Path(done, f"rank{r}").exists() for r in range(world))
+
     try:
         mp.spawn(_entry, args=(world, _free_port(), worker, str(done)), nprocs=world, join=True)
     except mp.ProcessExitedException as error:
-        finished = all(Path(done, f"rank{r}").exists() for r in range(world))
-        if not finished or error.signal_name != "SIGABRT":
+        if not finished() or error.signal_name != "SIGABRT":
             raise
         warnings.warn(f"gloo aborted a process while closing, after all checks passed: {error}",
                       stacklevel=2)
-    assert all(Path(done, f"rank{r}").exists() for r in range(world)), "every rank ran its checks"
+    assert finished(), "every rank ran its checks"
 
 
 def test_ddp_two_processes_equal_a_single_process_on_the_full_batch(tmp_path):
