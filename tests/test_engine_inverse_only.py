@@ -47,11 +47,16 @@ def _count_reruns(model: nn.Module) -> dict[str, int]:
 
 
 def _stack(*layers, memory="reversible"):
+    """The layers with perturbed parameters; ActNorms marked initialised (by those parameters,
+    not by data)."""
     torch.manual_seed(0)
     model = ReversibleSequential(*layers, memory=memory).double()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    for layer in model:
+        if isinstance(layer, ActNorm):
+            layer.initialized.fill_(True)
     return model
 
 
@@ -72,9 +77,6 @@ def test_actnorm_and_invconv_are_rebuilt_without_a_rerun_and_match_the_twin(shap
     layers = [ActNorm(4), ActNorm(4), ActNorm(4)] if images else \
         [ActNorm(4), InvConv1x1(4), ActNorm(4), InvConv1x1(4), ActNorm(4)]
     model = _stack(*layers)
-    for layer in model:
-        if isinstance(layer, ActNorm):
-            layer.initialized.fill_(True)  # initialised by the perturbed parameters, not by data
     for batch in (shape[0], 1) if images else (shape[0],):  # (1, 4): too small, see below
         x = torch.randn(batch, *shape[1:], dtype=torch.float64,
                         generator=torch.Generator().manual_seed(1)).requires_grad_()
@@ -97,9 +99,6 @@ def test_a_coupling_keeps_nothing():
 
 def test_a_layer_saving_a_batch_sized_intermediate_is_still_rerun():
     model = _stack(ActNorm(4), Exp(), ActNorm(4))
-    for layer in model:
-        if isinstance(layer, ActNorm):
-            layer.initialized.fill_(True)
     x = (0.1 * _images()).requires_grad_()
     counts = _count_reruns(model)
     _step(model, x)
@@ -111,8 +110,6 @@ def test_a_layer_saving_a_batch_sized_intermediate_is_still_rerun():
 
 def test_an_input_too_small_for_the_budget_keeps_nothing_and_reruns():
     model = _stack(ActNorm(4), ActNorm(4))
-    for layer in model:
-        layer.initialized.fill_(True)
     x = torch.randn(1, 4, 1, 1, dtype=torch.float64).requires_grad_()  # 32 bytes: a 2-byte budget
     counts = _count_reruns(model)
     _step(model, x)
@@ -126,8 +123,6 @@ def test_what_is_kept_stays_within_a_sixteenth_of_the_input():
 
     def held(depth, memory):
         model = _stack(*[ActNorm(4) for _ in range(depth)], memory=memory)
-        for layer in model:
-            layer.initialized.fill_(True)
         x = _images(batch=2)
         return measure_step(model, x, loss_fn=lambda y: y.square().sum())["held_bytes"], model, x
 
@@ -145,8 +140,6 @@ def test_what_is_kept_stays_within_a_sixteenth_of_the_input():
 
 def test_an_in_place_change_of_a_parameter_is_still_refused():
     model = _stack(ActNorm(4), ActNorm(4))
-    for layer in model:
-        layer.initialized.fill_(True)
     y, log_det = model.forward_and_log_det(_images().requires_grad_())
     with torch.no_grad():
         model[1].log_scale.add_(1.0)
@@ -160,9 +153,6 @@ def test_partial_gradients_equal_the_twin(how):
     made[1].load_state_dict(made[0].state_dict())
     grads = []
     for model in made:
-        for layer in model:
-            if isinstance(layer, ActNorm):
-                layer.initialized.fill_(True)
         x = _images().requires_grad_()
         y, log_det = model.forward_and_log_det(x)
         loss = y.square().sum() + log_det.sum()
