@@ -233,6 +233,28 @@ def test_resume_parity_with_dropout_needs_the_rng_callback(tmp_path):
     assert not all(torch.equal(full[k], unseeded[k]) for k in full)
 
 
+def test_rng_callback_of_several_ranks_in_one_process_restores_rank0_and_warns():
+    """A checkpoint of 2 ranks resumed by one process: rank 0's states come back (the
+    distributed case is tests/test_lightning_distributed.py), with a warning that the resume
+    is not exact; a single-process checkpoint restores silently."""
+    callback = RNGStateCallback()
+    torch.manual_seed(1)
+    rank0 = callback.state_dict()
+    expected = torch.rand(3)
+    torch.manual_seed(2)
+    rank1 = callback.state_dict()
+    assert "ranks" not in rank0  # one process: nothing gathered
+    torch.manual_seed(3)
+    with pytest.warns(UserWarning, match="not bit-exact"):
+        callback.load_state_dict({**rank0, "ranks": [rank0, rank1]})
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback.load_state_dict(rank0)
+    assert torch.equal(torch.rand(3), expected)
+
+
 class _Failing(Classifier):
     fail_at: int | None = 3
 

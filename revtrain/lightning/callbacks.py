@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ..base import has_inverse
@@ -230,9 +230,28 @@ class RNGStateCallback(pl.Callback):
     CUDA device's generator at the moment the checkpoint is written, and sets them back when
     training resumes from it: a resumed run then continues exactly as the uninterrupted one.
     (DataLoader workers derive their seeds from the torch CPU generator, so they follow.)
+
+    Several processes (a torch.distributed process group: DDP, FSDP): every rank's states are gathered into the checkpoint
+    (``"ranks"``, one entry per rank; the top level holds rank 0's, as a single-process
+    checkpoint does) and each rank gets its own back on resume, so ranks seeded differently
+    (``torch.manual_seed(seed + rank)``) resume exactly too. A checkpoint written while the
+    run was failing (:class:`ExceptionCheckpoint`, SIGTERM) holds the writing rank's states
+    only, because a failing rank cannot wait for the others; resuming it, or a checkpoint of
+    another number of processes, restores those states on every rank and warns that the
+    resume is not exact.
     """
 
-    def state_dict(self) -> dict[str, Any]:
+    def __init__(self) -> None:
+        self._trainer: pl.Trainer | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = None
+
+    @staticmethod
+    def _local_state() -> dict[str, Any]:
         # plain types and tensors only, so that torch.load(weights_only=True) reads it
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         state = {
@@ -244,17 +263,54 @@ class RNGStateCallback(pl.Callback):
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        random.setstate(state_dict["python"])
-        kind, keys, pos, has_gauss, cached = state_dict["numpy"]
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._local_state()
+        _, world = self._world()
+        trainer = self._trainer
+        # every rank writes a checkpoint together, except while failing (INTERRUPTED: on_exception
+        # may run on one rank only, and a collective there would wait for ever)
+        if world > 1 and trainer is not None and \
+                trainer.state.status == pl.trainer.states.TrainerStatus.RUNNING:
+            ranks: list[Any] = [None] * world
+            torch.distributed.all_gather_object(ranks, state)
+            state = {**ranks[0], "ranks": ranks}
+        return state
+
+    @staticmethod
+    def _restore(state: dict[str, Any]) -> None:
+        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        torch.set_rng_state(state_dict["torch"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            states = state_dict["cuda"]
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            states = state["cuda"]
             if len(states) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states)
             else:
                 torch.cuda.set_rng_state(states[0])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rank, world = self._world()
+        ranks = state_dict.get("ranks")
+        if ranks is not None and len(ranks) == world:
+            self._restore(ranks[rank])
+            return
+        if world > 1 or (ranks is not None and len(ranks) > 1):
+            saved = len(ranks) if ranks is not None else "one"
+            rank_zero_warn(
+                f"RNGStateCallback: the checkpoint holds the random states of {saved} "
+                f"process(es) and this run has {world}; every rank restores the first one, so "
+                "the resume is not bit-exact unless the ranks' random streams were the same "
+                "(resume with as many processes as wrote it, from a checkpoint written during "
+                "training, not on failure)")
+        self._restore(state_dict)
 
 
 class ExceptionCheckpoint(pl.Callback):
