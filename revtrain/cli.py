@@ -85,7 +85,7 @@ def _cli_class():
     """RevtrainCLI, defined on first use (Lightning is imported only then)."""
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-    from .lightning.callbacks import RNGStateCallback
+    from .lightning.callbacks import PredictionWriter, RNGStateCallback
     from .lightning.report import RunReport
 
     class RevtrainCLI(LightningCLI):
@@ -93,6 +93,7 @@ def _cli_class():
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(RNGStateCallback, "rng_state")
+            parser.add_lightning_class_args(PredictionWriter, "predictions")
             parser.add_class_arguments(RunReport, "report")
             parser.add_class_arguments(RunFolder, "run")
             parser.add_argument(
@@ -312,6 +313,9 @@ def _where(trainer: Any, folder: Path, memory_files: list[Path]) -> str:
     for c in samples:
         if c.last_path is not None:
             lines.append(f"  samples:     {c.folder(trainer)}")
+    for c in trainer.callbacks:
+        if type(c).__name__ == "PredictionWriter" and c.last_path is not None:
+            lines.append(f"  predictions: {c.last_path}")
     if memory_files:
         lines.append(f"  memory:      {', '.join(str(p) for p in memory_files)}")
     return "\n".join(lines)

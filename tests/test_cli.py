@@ -280,6 +280,42 @@ def test_resume_errors_are_short_and_clear(capsys, in_tmp):
     assert "either --resume last or --ckpt_path" in capsys.readouterr().err
 
 
+def test_predict_writes_the_predictions_into_its_run_folder(capsys, in_tmp):
+    """`revtrain predict` writes what it predicts (probabilities, classes, sample indices) to
+    predictions.pt in its own run folder and says where; a file already there is never
+    overwritten (a short error instead)."""
+    main(["fit", "--config", DIGITS, *SHORT, "--report.memory_table", "false",
+          "--report.test_after_fit", "false"])
+    ckpt = in_tmp / "runs" / "digits_revnet_digits" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    main(["predict", "--config", DIGITS, "--ckpt_path", str(ckpt), *QUIET])
+    out = capsys.readouterr().out
+    path = ckpt.parents[1].with_name("version_1") / "predictions.pt"
+    assert f"predictions: {path.relative_to(in_tmp)}" in out
+    saved = torch.load(path, weights_only=True)
+    probs, pred, indices = saved["predictions"]["probs"], saved["predictions"]["pred"], \
+        saved["indices"]
+    assert probs.shape == (360, 10) and pred.shape == (360,)  # the held-out digits
+    assert torch.allclose(probs.sum(1), torch.ones(360)) and torch.equal(probs.argmax(1), pred)
+    assert torch.equal(indices, torch.arange(360))  # not shuffled: in data set order
+    # what the checkpoint's model gives on the test split
+    from revtrain.lightning import Classifier, DigitsDataModule
+
+    model = Classifier.load_from_checkpoint(ckpt, weights_only=True).eval()
+    data = DigitsDataModule()
+    data.setup("predict")
+    x = torch.stack([data.test_set[i][0] for i in range(360)])
+    with torch.no_grad():
+        assert torch.allclose(model(x).softmax(-1), probs, atol=1e-6)
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "--config", DIGITS, "--ckpt_path", str(ckpt), *QUIET,
+              "--predictions.dirpath", str(path.parent)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "predictions.pt exists and is not overwritten" in err
+    assert torch.equal(torch.load(path, weights_only=True)["predictions"]["probs"], probs)
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, expected", [

@@ -184,7 +184,8 @@ _RESUME_SCRIPT = textwrap.dedent("""
     import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from revtrain.lightning import Classifier, DigitsDataModule, RNGStateCallback
+    from revtrain.lightning import (Classifier, DigitsDataModule, PredictionWriter,
+                                    RNGStateCallback)
 
 
     class SeedPerRank(pl.Callback):
@@ -203,7 +204,8 @@ _RESUME_SCRIPT = textwrap.dedent("""
                             optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
         callbacks = [SeedPerRank(base), RNGStateCallback(),
                      ModelCheckpoint(dirpath=f"{out}/{name}", filename="{epoch}",
-                                     every_n_epochs=1, save_top_k=-1)]
+                                     every_n_epochs=1, save_top_k=-1),
+                     PredictionWriter(dirpath=f"{out}/{name}")]
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3,
                              limit_train_batches=2, limit_val_batches=0, num_sanity_val_steps=0,
                              logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -234,7 +236,10 @@ _RESUME_SCRIPT = textwrap.dedent("""
         while not os.path.exists(one):
             time.sleep(0.05)
         fit(out, "resumed", base=500, ckpt_path=ckpt)
-        fit(out, "rank0_states", base=500, ckpt_path=one)
+        trainer = fit(out, "rank0_states", base=500, ckpt_path=one)
+        # each rank writes its share of the predictions
+        trainer.predict(trainer.lightning_module, DigitsDataModule(batch_size=64),
+                        return_predictions=True)
 """)
 
 
@@ -245,7 +250,8 @@ def test_ddp_resume_restores_each_ranks_random_state(tmp_path):
     (from other seeds) it ends in the uninterrupted run's weights, BatchNorm buffers, momentum
     and per-rank random states, bit for bit: the RNG callback saved every rank's states. The
     same checkpoint holding rank 0's states only (as revtrain wrote them before) resumes
-    differently and warns."""
+    differently and warns. Then a prediction over the test digits writes each rank's share
+    (``PredictionWriter``)."""
     script = tmp_path / "resume_run.py"
     script.write_text(_RESUME_SCRIPT)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
@@ -264,3 +270,9 @@ def test_ddp_resume_restores_each_ranks_random_state(tmp_path):
     different = [k for k in full[0] if not torch.equal(full[0][k], rank0[0][k])]
     assert any(k.startswith("net.") for k in different), different
     assert "not bit-exact" in proc.stderr
+    # PredictionWriter under DDP: one file per rank, together every test digit once
+    shares = [torch.load(tmp_path / "rank0_states" / f"predictions_rank{r}.pt", weights_only=True)
+              for r in (0, 1)]
+    indices = torch.cat([s["indices"] for s in shares])
+    assert sorted(indices.tolist()) == list(range(360))
+    assert [len(s["predictions"]["probs"]) for s in shares] == [180, 180]

@@ -25,6 +25,7 @@ from revtrain.lightning import (
     FlowModule,
     ImageNetDataModule,
     PeakMemoryMonitor,
+    PredictionWriter,
     ReconstructionMonitor,
     RNGStateCallback,
     SampleGrid,
@@ -253,6 +254,42 @@ def test_rng_callback_of_several_ranks_in_one_process_restores_rank0_and_warns()
         warnings.simplefilter("error")
         callback.load_state_dict(rank0)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_prediction_writer_joins_batches_per_loader_and_never_overwrites(tmp_path):
+    """Two predict loaders, batches of 5 over 12 and 7 samples: one dict per loader with the
+    batches joined in order and the sample indices; a flow's tensor outputs join too; a second
+    prediction into the same file is refused before it runs."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    module = _classifier().eval()
+    x = torch.randn(12, 1, 8, 8)
+    loaders = [DataLoader(TensorDataset(x), batch_size=5), DataLoader(TensorDataset(x[:7]),
+                                                                      batch_size=5)]
+    writer = PredictionWriter(dirpath=str(tmp_path / "p"))
+    _trainer(tmp_path, callbacks=[writer]).predict(module, loaders)
+    assert writer.last_path == tmp_path / "p" / "predictions.pt"
+    saved = torch.load(writer.last_path, weights_only=True)
+    with torch.no_grad():
+        expected = module(x).softmax(-1)
+    assert [p["probs"].shape for p in saved["predictions"]] == [(12, 10), (7, 10)]
+    assert torch.allclose(saved["predictions"][0]["probs"], expected, atol=1e-6)
+    assert torch.allclose(saved["predictions"][1]["probs"], expected[:7], atol=1e-6)
+    assert [i.tolist() for i in saved["indices"]] == [list(range(12)), list(range(7))]
+    with pytest.raises(FileExistsError, match="is not overwritten"):
+        _trainer(tmp_path, callbacks=[PredictionWriter(dirpath=str(tmp_path / "p"))]).predict(
+            module, loaders)
+    assert torch.equal(torch.load(writer.last_path, weights_only=True)["predictions"][0]["probs"],
+                       saved["predictions"][0]["probs"])
+
+    flow = FlowModule("nice", model_kwargs={"dim": 64, "num_layers": 2, "hidden": 8, "depth": 1},
+                      num_bins=17)
+    writer = PredictionWriter(dirpath=str(tmp_path / "f"))
+    grey = DataLoader(TensorDataset(torch.randint(0, 17, (12, 1, 8, 8)) / 16), batch_size=5)
+    _trainer(tmp_path, callbacks=[writer]).predict(flow, grey)
+    bpd = torch.load(writer.last_path, weights_only=True)["predictions"]
+    assert bpd.shape == (12,) and torch.isfinite(bpd).all()
 
 
 class _Failing(Classifier):

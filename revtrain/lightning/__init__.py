@@ -12,6 +12,7 @@
 from .callbacks import (
     ExceptionCheckpoint,
     PeakMemoryMonitor,
+    PredictionWriter,
     ReconstructionMonitor,
     RNGStateCallback,
     SampleGrid,
@@ -42,6 +43,7 @@ __all__ = [
     "InverseKinematics",
     "InverseKinematicsDataModule",
     "PeakMemoryMonitor",
+    "PredictionWriter",
     "RNGStateCallback",
     "ReconstructionMonitor",
     "RunReport",

@@ -1,5 +1,5 @@
 """Callbacks: step peak memory, reconstruction error, sample grids, RNG state in checkpoints,
-a checkpoint on failure."""
+a checkpoint on failure, predictions written to a file."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ..base import has_inverse
 from ._common import eval_mode, reversible_stacks, unsharded
 
-__all__ = ["ExceptionCheckpoint", "PeakMemoryMonitor", "ReconstructionMonitor",
-           "RNGStateCallback", "SampleGrid"]
+__all__ = ["ExceptionCheckpoint", "PeakMemoryMonitor", "PredictionWriter",
+           "ReconstructionMonitor", "RNGStateCallback", "SampleGrid"]
 
 
 class PeakMemoryMonitor(pl.Callback):
@@ -231,14 +232,14 @@ class RNGStateCallback(pl.Callback):
     training resumes from it: a resumed run then continues exactly as the uninterrupted one.
     (DataLoader workers derive their seeds from the torch CPU generator, so they follow.)
 
-    Several processes (a torch.distributed process group: DDP, FSDP): every rank's states are gathered into the checkpoint
-    (``"ranks"``, one entry per rank; the top level holds rank 0's, as a single-process
-    checkpoint does) and each rank gets its own back on resume, so ranks seeded differently
-    (``torch.manual_seed(seed + rank)``) resume exactly too. A checkpoint written while the
-    run was failing (:class:`ExceptionCheckpoint`, SIGTERM) holds the writing rank's states
-    only, because a failing rank cannot wait for the others; resuming it, or a checkpoint of
-    another number of processes, restores those states on every rank and warns that the
-    resume is not exact.
+    Several processes (a torch.distributed process group: DDP, FSDP): every rank's states are
+    gathered into the checkpoint (``"ranks"``, one entry per rank; the top level holds rank
+    0's, as a single-process checkpoint does) and each rank gets its own back on resume, so
+    ranks seeded differently (``torch.manual_seed(seed + rank)``) resume exactly too. A
+    checkpoint written while the run was failing (:class:`ExceptionCheckpoint`, SIGTERM)
+    holds the writing rank's states only, because a failing rank cannot wait for the others;
+    resuming it, or a checkpoint of another number of processes, restores those states on
+    every rank and warns that the resume is not exact.
     """
 
     def __init__(self) -> None:
@@ -349,3 +350,70 @@ class ExceptionCheckpoint(pl.Callback):
                      exception: BaseException) -> None:
         if trainer.global_step > 0:
             trainer.save_checkpoint(self.ckpt_path(trainer))
+
+
+def _merge(outputs: list[Any]) -> Any:
+    """Batch outputs joined along the batch: tensors concatenated, dicts key by key (lists of
+    anything else kept as they are)."""
+    if outputs and all(isinstance(o, Tensor) for o in outputs):
+        return torch.cat([o.detach().cpu() for o in outputs])
+    if outputs and all(isinstance(o, dict) for o in outputs) and \
+            all(o.keys() == outputs[0].keys() for o in outputs):
+        return {k: _merge([o[k] for o in outputs]) for k in outputs[0]}
+    return outputs
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write what ``predict`` returns to ``dirpath/filename.pt`` at the end of prediction.
+
+    The file holds ``{"predictions": ..., "indices": ...}``: the batch outputs joined along the
+    batch (a classifier's ``{"probs": (N, classes), "pred": (N,)}``, a flow's bits/dim
+    ``(N,)``; one entry per data loader when there are several) and the indices of the samples
+    in the data set, in the same order (``None`` when the sampler does not tell them). With
+    several processes each rank writes its own share, ``filename_rank<R>.pt``. Default folder:
+    the run's (``trainer.log_dir``); ``revtrain predict`` writes there. An existing file is never
+    overwritten: prediction stops before it starts and says so.
+
+    Args:
+        dirpath: folder of the file (default: the run folder).
+        filename: its name without ``.pt``.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "predictions"):
+        super().__init__("epoch")
+        self.dirpath = dirpath
+        self.filename = filename
+        self.last_path: Path | None = None
+
+    def path(self, trainer: pl.Trainer) -> Path:
+        folder = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        return folder / f"{self.filename}{suffix}.pt"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "predict" and self.path(trainer).exists():
+            raise FileExistsError(
+                f"PredictionWriter: {self.path(trainer)} exists and is not overwritten; give "
+                "another folder or file name (--predictions.dirpath / --predictions.filename) "
+                "or move the file away")
+
+    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           predictions: Any, batch_indices: Any) -> None:
+        # Lightning: predictions per loader only with several loaders, indices always per
+        # loader (loaders x batches x samples)
+        several = bool(predictions) and isinstance(predictions[0], list)
+        per_loader = predictions if several else [predictions]
+        indices_per_loader = list(batch_indices or [])
+        indices_per_loader += [[]] * (len(per_loader) - len(indices_per_loader))
+        merged, indices = [], []
+        for outputs, idx in zip(per_loader, indices_per_loader):
+            merged.append(_merge(list(outputs)))
+            flat = [i for batch in (idx or []) for i in (batch or [])]
+            indices.append(torch.tensor(flat, dtype=torch.long)
+                           if flat or not outputs else None)
+        path = self.path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"predictions": merged if several else merged[0],
+                    "indices": indices if several else indices[0]}, path)
+        self.last_path = path

@@ -150,7 +150,8 @@ class Classifier(StepsBySplit, pl.LightningModule):
         self.log_tested(split, len(y))
         return loss
 
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+                     ) -> dict[str, Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         probs = self(x).softmax(dim=-1)
         return {"probs": probs, "pred": probs.argmax(dim=-1)}

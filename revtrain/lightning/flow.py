@@ -226,7 +226,7 @@ class FlowModule(StepsBySplit, pl.LightningModule):
         self.log_tested(split, len(x))
         return loss
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self.nll_and_bpd(batch[0] if isinstance(batch, (tuple, list)) else batch)[1]
 
     def configure_optimizers(self) -> Any:
