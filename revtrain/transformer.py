@@ -116,14 +116,25 @@ class SelfAttention(nn.Module):
         return drop_path(o, self.drop_path, self.training)
 
 
+def _to(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """``t`` as autocast hands it to a matmul: cast to ``dtype`` (``None``: no autocast)."""
+    return t if t is None or dtype is None else t.to(dtype)
+
+
 class _NormLinear(torch.autograd.Function):
     """``linear(layer_norm(x))`` that saves ``x`` instead of the normalized input: the LayerNorm
-    is recomputed in backward (its statistics are exact: the same formula on the same ``x``)."""
+    is recomputed in backward (its statistics are exact: the same formula on the same ``x``).
+
+    ``cast``: the autocast dtype of the forward (``None`` without autocast). The forward runs
+    under the caller's autocast as ordinary modules would (LayerNorm in float32, the linear in
+    ``cast``); backward, which autocast does not reach, repeats those casts: the matmuls in
+    ``cast``, the weight and bias gradients returned in their own dtype, as autograd's cast
+    nodes return them."""
 
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, weight, bias, eps):
+    def forward(ctx, x, norm_weight, norm_bias, weight, bias, eps, cast):
         d = x.shape[-1]
-        ctx.eps = eps
+        ctx.eps, ctx.cast = eps, cast
         ctx.save_for_backward(x, norm_weight, norm_bias, weight)
         return F.linear(F.layer_norm(x, (d,), norm_weight, norm_bias, eps), weight, bias)
 
@@ -131,29 +142,31 @@ class _NormLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, norm_weight, norm_bias, weight = ctx.saved_tensors
-        need_x, need_nw, need_nb, need_w, need_b, _ = ctx.needs_input_grad
-        d = x.shape[-1]
+        need_x, need_nw, need_nb, need_w, need_b, _, _ = ctx.needs_input_grad
+        d, cast = x.shape[-1], ctx.cast
         u, mean, rstd = torch.native_layer_norm(x, (d,), norm_weight, norm_bias, ctx.eps)
         g2 = grad.reshape(-1, grad.shape[-1])  # (M, hidden)
-        grad_w = g2.t().mm(u.reshape(-1, d)) if need_w else None
+        grad_w = g2.t().mm(_to(u, cast).reshape(-1, d)).to(weight.dtype) if need_w else None
         del u
-        grad_b = g2.sum(0) if need_b else None
+        grad_b = g2.sum(0).to(weight.dtype) if need_b else None
         grad_x = grad_nw = grad_nb = None
         if need_x or need_nw or need_nb:
-            grad_u = grad.matmul(weight)  # (..., D)
+            grad_u = grad.matmul(_to(weight, cast)).to(x.dtype)  # (..., D)
             grad_x, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
                 grad_u, x, (d,), mean, rstd, norm_weight, norm_bias, [need_x, need_nw, need_nb])
-        return grad_x, grad_nw, grad_nb, grad_w, grad_b, None
+        return grad_x, grad_nw, grad_nb, grad_w, grad_b, None, None
 
 
 class _GeluLinear(torch.autograd.Function):
     """``linear(gelu(h))`` that saves ``h`` only: ``gelu(h)`` is recomputed in backward, a block of
     rows at a time, and the gradient of ``h`` is written block by block into one buffer, so the
-    backward holds ``h``, that buffer and one block instead of three ``h``-sized tensors."""
+    backward holds ``h``, that buffer and one block instead of three ``h``-sized tensors.
+    ``cast``: as for :class:`_NormLinear` (the weight gradient is summed over the blocks in the
+    weight's dtype)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, approximate, rows):
-        ctx.approximate, ctx.rows = approximate, rows
+    def forward(ctx, h, weight, bias, approximate, rows, cast):
+        ctx.approximate, ctx.rows, ctx.cast = approximate, rows, cast
         ctx.save_for_backward(h, weight)
         return F.linear(F.gelu(h, approximate=approximate), weight, bias)
 
@@ -161,23 +174,30 @@ class _GeluLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         h, weight = ctx.saved_tensors
-        need_h, need_w, need_b, _, _ = ctx.needs_input_grad
-        k = h.shape[-1]
+        need_h, need_w, need_b, _, _, _ = ctx.needs_input_grad
+        k, cast = h.shape[-1], ctx.cast
+        w = _to(weight, cast)
         h2 = h.reshape(-1, k)  # (M, hidden)
         g2 = grad.reshape(-1, grad.shape[-1])  # (M, D)
         grad_h = torch.empty_like(h2) if need_h else None
-        grad_w = h2.new_zeros(weight.shape) if need_w else None
+        grad_w = weight.new_zeros(weight.shape) if need_w and cast is None else None
         for start in range(0, h2.shape[0], ctx.rows):
             hc, gc = h2[start:start + ctx.rows], g2[start:start + ctx.rows]
             if need_w:
-                grad_w.addmm_(gc.t(), F.gelu(hc, approximate=ctx.approximate))
+                a = F.gelu(hc, approximate=ctx.approximate)
+                if cast is None:
+                    grad_w.addmm_(gc.t(), a)
+                else:  # the block's product in the autocast dtype, summed in the weight's
+                    part = gc.t().mm(a)
+                    grad_w = part.to(weight.dtype) if grad_w is None else grad_w.add_(part)
+                del a
             if need_h:
                 out = grad_h[start:start + ctx.rows]
-                torch.mm(gc, weight, out=out)
+                torch.mm(gc, w, out=out)
                 torch.ops.aten.gelu_backward.grad_input(out, hc, approximate=ctx.approximate,
                                                         grad_input=out)
-        grad_b = g2.sum(0) if need_b else None
-        return (grad_h.view(h.shape) if need_h else None), grad_w, grad_b, None, None
+        grad_b = g2.sum(0).to(weight.dtype) if need_b else None
+        return (grad_h.view(h.shape) if need_h else None), grad_w, grad_b, None, None, None
 
 
 _BLOCK_ELEMENTS = 1 << 18  # rows of the hidden activation recomputed at a time: ~1 MiB in float32
@@ -195,10 +215,12 @@ class TransformerMLP(nn.Module):
     less than ordinary autograd: the LayerNorm's output and the GELU's output are recomputed in
     its own backward (the GELU a block of rows at a time), so the peak of its backward holds the
     hidden activation and its gradient, not three hidden-sized tensors. The gradients are those of
-    the same formulas (equal to the stored twin's to rounding). Anywhere else, and whenever this
-    would hide something from the caller (hooks on the MLP's inner modules, hidden dropout in
-    training, autocast, tensor subclasses, ``torch.func`` transforms), it runs as ordinary
-    modules.
+    the same formulas (equal to the stored twin's to rounding). Under autocast it repeats
+    autocast's casts in its backward (the gradients are those of the ordinary modules under the
+    same autocast, bit for bit). Anywhere else, and whenever this would hide something from the
+    caller (hooks on the MLP's inner modules, hidden dropout in training, weights or stream other
+    than float32 under autocast, tensor subclasses, ``torch.func`` transforms), it runs as
+    ordinary modules.
     """
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0, drop_path: float = 0.0,
@@ -214,9 +236,11 @@ class TransformerMLP(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if self._recomputes(x):
             norm, fc1, fc2 = self.norm, self.fc1, self.fc2
-            h = _NormLinear.apply(x, norm.weight, norm.bias, fc1.weight, fc1.bias, norm.eps)
+            device = x.device.type
+            cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            h = _NormLinear.apply(x, norm.weight, norm.bias, fc1.weight, fc1.bias, norm.eps, cast)
             rows = max(1, _BLOCK_ELEMENTS // max(h.shape[-1], 1))
-            out = _GeluLinear.apply(h, fc2.weight, fc2.bias, self.act.approximate, rows)
+            out = _GeluLinear.apply(h, fc2.weight, fc2.bias, self.act.approximate, rows, cast)
         else:
             h = self.drop(self.act(self.fc1(self.norm(x))))  # (B, N, hidden)
             out = self.fc2(h)
@@ -227,7 +251,12 @@ class TransformerMLP(nn.Module):
         recorder = current_recorder()
         if recorder is None or recorder.call is None or recorder.mode not in _REBUILT_MODES:
             return False
-        if (self.training and self.drop.p > 0) or torch.is_autocast_enabled(x.device.type):
+        if self.training and self.drop.p > 0:
+            return False
+        if torch.is_autocast_enabled(x.device.type) and any(  # autocast: float32 weights and
+                t is not None and t.dtype != torch.float32  # stream only (the casts it repeats)
+                for t in (x, self.norm.weight, self.norm.bias, self.fc1.weight, self.fc1.bias,
+                          self.fc2.weight, self.fc2.bias)):
             return False
         if torch._C._are_functorch_transforms_active() or type(self.act) is not nn.GELU:
             return False
