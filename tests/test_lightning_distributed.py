@@ -81,6 +81,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(tmp_path, script: str, names: tuple[str, ...], timeout: int = 300
+            ) -> tuple[subprocess.CompletedProcess, dict[str, list[dict]]]:
+    """Run ``script`` (it launches its 2 ranks) in ``tmp_path``; it must succeed. Returns the
+    process and, per name, the two ranks' ``<name>_rank<r>.pt`` records."""
+    path = tmp_path / "run.py"
+    path.write_text(script)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, str(path), str(tmp_path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, {name: [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in (0, 1)]
+                  for name in names}
+
+
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[n].double() - b[n].double()).abs().max()) for n in a)
@@ -93,16 +109,8 @@ def test_model_parallel_fsdp2_reversible_equals_stored_twin(tmp_path):
     each rank on its own 4 samples per step: the reversible run sharded per coupling and per
     stack ends with the stored run's parameters and running statistics to 1e-10 on both ranks;
     a stored run from other initial weights does not (the check can fail)."""
-    script = tmp_path / "fsdp2_run.py"
-    script.write_text(_FSDP2_SCRIPT)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               OMP_NUM_THREADS="1")
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {name: [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in (0, 1)]
-            for name in ("stored", "reversible_coupling", "reversible_stack", "stored_seed1")}
+    _, runs = _launch(tmp_path, _FSDP2_SCRIPT,
+                      ("stored", "reversible_coupling", "reversible_stack", "stored_seed1"))
     stored = runs["stored"]
     start = Classifier("revnet_digits", num_classes=10, in_channels=1, check_input=False)
     assert stored[0]["params"].keys() == dict(start.net.named_parameters()).keys()
@@ -252,16 +260,8 @@ def test_ddp_resume_restores_each_ranks_random_state(tmp_path):
     same checkpoint holding rank 0's states only (as revtrain wrote them before) resumes
     differently and warns. Then a prediction over the test digits writes each rank's share
     (``PredictionWriter``)."""
-    script = tmp_path / "resume_run.py"
-    script.write_text(_RESUME_SCRIPT)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               OMP_NUM_THREADS="1")
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {name: [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in (0, 1)]
-            for name in ("full", "resumed", "rank0_states")}
+    proc, runs = _launch(tmp_path, _RESUME_SCRIPT, ("full", "resumed", "rank0_states"),
+                         timeout=400)
     full, resumed, rank0 = runs["full"], runs["resumed"], runs["rank0_states"]
     assert not torch.equal(full[0]["rng"], full[1]["rng"])  # the ranks' streams differ
     for r in (0, 1):
