@@ -390,3 +390,111 @@ def test_seeds_and_validate_give_per_seed_rows_and_a_summary(hybrid, tmp_path):
     assert hybrid_summary["accuracy"]["min"] == min(accs)
     assert hybrid_summary["accuracy"]["mean"] == pytest.approx(sum(accs) / 2, abs=0.01)
     assert saved["runs"][0]["test_bpd"] != saved["runs"][2]["test_bpd"]  # seeds differ
+
+
+def test_head_parameter_group_has_its_own_decay_and_learning_rate(hybrid):
+    flow, head = _tiny()
+    default = hybrid.make_optimizer(flow, head, 0.1, 0.5)
+    assert [(g["lr"], g["weight_decay"]) for g in default.param_groups] == [(0.1, 0.5),
+                                                                              (0.1, 0.5)]
+    opt = hybrid.make_optimizer(flow, head, 0.1, 0.5, head_weight_decay=0.0, head_lr_mult=3.0)
+    assert [v for g in opt.param_groups for v in (g["lr"], g["weight_decay"])] == pytest.approx(
+        [0.1, 0.5, 0.3, 0.0])
+    # zero gradients: AdamW's decoupled decay alone, 1 - lr * wd on the flow, none on the head
+    before = [p.detach().clone() for p in [*flow.parameters(), *head.parameters()]]
+    for p in [*flow.parameters(), *head.parameters()]:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    n_flow = len(list(flow.parameters()))
+    for b, p in zip(before[:n_flow], flow.parameters()):
+        torch.testing.assert_close(p.detach(), b * (1 - 0.1 * 0.5))
+    for b, p in zip(before[n_flow:], head.parameters()):
+        torch.testing.assert_close(p.detach(), b)
+    # unit gradients, no decay: Adam's first step is lr per entry, 3 lr on the head
+    flow, head = _tiny()
+    opt = hybrid.make_optimizer(flow, head, 0.1, 0.0, head_lr_mult=3.0)
+    before = [p.detach().clone() for p in [*flow.parameters(), *head.parameters()]]
+    for p in [*flow.parameters(), *head.parameters()]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    steps = [(b - p.detach()).abs().max().item() for b, p in
+             zip(before, [*flow.parameters(), *head.parameters()])]
+    assert steps[:n_flow] == pytest.approx([0.1] * n_flow, rel=1e-4)
+    assert steps[n_flow:] == pytest.approx([0.3] * (len(steps) - n_flow), rel=1e-4)
+
+
+def test_training_takes_the_head_options(hybrid, monkeypatch):
+    seen = []
+    real = hybrid.make_optimizer
+
+    def spy(*args, **kwargs):
+        opt = real(*args, **kwargs)
+        seen.append([(g["lr"], g["weight_decay"]) for g in opt.param_groups])
+        return opt
+
+    monkeypatch.setattr(hybrid, "make_optimizer", spy)
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 17, (16, 1, 8, 8), generator=gen), torch.arange(16) % 10,
+            torch.randint(0, 17, (8, 1, 8, 8), generator=gen), torch.arange(8) % 10)
+    config = {"model": "realnvp", "hidden": 4}
+    plain = hybrid.train_hybrid(2.0, "reversible", 1, data, batch=8, lr=0.01, weight_decay=0.1,
+                                flow_config=config)
+    row = hybrid.train_hybrid(2.0, "reversible", 1, data, batch=8, lr=0.01, weight_decay=0.1,
+                              flow_config=config, head_weight_decay=0.0, head_lr_mult=10.0)
+    assert seen == [[(0.01, 0.1), (0.01, 0.1)], [(0.01, 0.1), (0.1, 0.0)]]  # 10 * 0.01
+    assert plain["head_weight_decay"] == 0.1 and plain["head_lr_mult"] == 1.0
+    assert row["head_weight_decay"] == 0.0 and row["head_lr_mult"] == 10.0
+    assert row["train_per_epoch"] != plain["train_per_epoch"]  # the head's steps changed
+
+
+class _Flat(nn.Module):
+    """A stand-in flow: the flat input as its latent."""
+
+    def forward_and_log_det(self, y):
+        return y.flatten(1), y.new_zeros(len(y))
+
+
+class _Edges(nn.Module):
+    """Class 1 for a first pixel of 0 dequantized away from its cell midpoint, class 0 at it."""
+
+    def forward(self, z):
+        u = z[:, 0] * 17  # the draw of a 0 pixel
+        return torch.stack([torch.zeros_like(u), 1000 * ((u - 0.5) ** 2 - 0.01)], 1)
+
+
+def test_draws_accuracy_is_that_of_the_mean_softmax_over_the_draws(hybrid):
+    x = torch.zeros(8, 1, 8, 8, dtype=torch.long)
+    labels = torch.ones(8, dtype=torch.long)
+    flow, head = _Flat(), _Edges()
+    assert hybrid.accuracy(flow, head, x, labels) == 0.0  # the midpoint says class 0
+    got = hybrid.draws_accuracy(flow, head, x, labels, 16, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    probs = torch.stack([torch.softmax(head(flow.forward_and_log_det(
+        (x.float() + torch.rand(x.shape, generator=gen)) / 17)[0]), 1) for _ in range(16)])
+    by_hand = 100.0 * float((probs.mean(0).argmax(1) == labels).double().mean())
+    assert got == pytest.approx(by_hand) and got > 50.0  # most draws are off the midpoint
+    with pytest.raises(ValueError, match="draws"):
+        hybrid.draws_accuracy(flow, head, x, labels, 0, gen)
+
+
+def test_eval_draws_adds_accuracy_draws_to_every_evaluation(hybrid):
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 17, (16, 1, 8, 8), generator=gen), torch.arange(16) % 10,
+            torch.randint(0, 17, (8, 1, 8, 8), generator=gen), torch.arange(8) % 10)
+    config = {"model": "realnvp", "hidden": 4}
+    rows = [hybrid.train_hybrid(lam, "reversible", 1, data, batch=8, flow_config=config,
+                                ema=(0.5, 0.0), eval_draws=4) for lam in (None, 2.0)]
+    plain = hybrid.train_hybrid(2.0, "reversible", 1, data, batch=8, flow_config=config,
+                                ema=(0.5, 0.0))
+    for label, ev in rows[1]["evaluations"].items():
+        assert 0.0 <= ev["accuracy_draws"] <= 100.0 and rows[1]["eval_draws"] == 4
+        assert {k: v for k, v in ev.items() if k != "accuracy_draws"} == plain[
+            "evaluations"][label]  # the midpoint figures and the training are unchanged
+    assert all("accuracy_draws" not in ev for ev in plain["evaluations"].values())
+    hybrid.add_targets(rows, "ema 0.5")
+    by_eval = rows[1]["targets_by_evaluation"]["ema 0.5"]
+    assert by_eval["acc_draws_minus_revnet"] == pytest.approx(
+        rows[1]["evaluations"]["ema 0.5"]["accuracy_draws"] - 99.17, abs=0.01)
+    assert "meets_targets_draws" in by_eval
+    summary = hybrid.summarize(rows)[1]
+    assert summary["accuracy_draws"]["mean"] == rows[1]["evaluations"]["ema 0.5"]["accuracy_draws"]
