@@ -402,7 +402,11 @@ class PredictionWriter(BasePredictionWriter):
                            predictions: Any, batch_indices: Any) -> None:
         # Lightning: predictions per loader only with several loaders, indices always per
         # loader (loaders x batches x samples)
-        several = bool(predictions) and isinstance(predictions[0], list)
+        several = len(trainer.num_predict_batches) > 1
+        if not predictions or (several and not any(predictions)):
+            rank_zero_warn("PredictionWriter: no predictions were kept, so nothing is written "
+                           "(call trainer.predict(..., return_predictions=True))")
+            return
         per_loader = predictions if several else [predictions]
         indices_per_loader = list(batch_indices or [])
         indices_per_loader += [[]] * (len(per_loader) - len(indices_per_loader))
