@@ -404,8 +404,7 @@ class PredictionWriter(BasePredictionWriter):
         # loader (loaders x batches x samples)
         several = len(trainer.num_predict_batches) > 1
         if not predictions or (several and not any(predictions)):
-            rank_zero_warn("PredictionWriter: no predictions were kept, so nothing is written "
-                           "(call trainer.predict(..., return_predictions=True))")
+            rank_zero_warn("PredictionWriter: no batch was predicted, so nothing is written")
             return
         per_loader = predictions if several else [predictions]
         indices_per_loader = list(batch_indices or [])
