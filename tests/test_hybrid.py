@@ -36,6 +36,13 @@ def _batch(seed: int = 0):
     return y, log_q, torch.arange(6) % 10
 
 
+def _grey_digits(n_train: int):
+    """Random 17-level 8x8 images with labels: ``n_train`` to train on, 8 to evaluate."""
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randint(0, 17, (n_train, 1, 8, 8), generator=gen), torch.arange(n_train) % 10,
+            torch.randint(0, 17, (8, 1, 8, 8), generator=gen), torch.arange(8) % 10)
+
+
 def _grads(hybrid, flow, head, lam):
     y, log_q, labels = _batch()
     flow.zero_grad(set_to_none=True)
@@ -248,9 +255,7 @@ def test_training_follows_the_schedule_per_step(hybrid, monkeypatch):
                           **kwargs)
 
     monkeypatch.setattr(hybrid, "joint_loss", spy)
-    gen = torch.Generator().manual_seed(0)
-    data = (torch.randint(0, 17, (32, 1, 8, 8), generator=gen), torch.arange(32) % 10,
-            torch.randint(0, 17, (8, 1, 8, 8), generator=gen), torch.arange(8) % 10)
+    data = _grey_digits(32)
     config = {"model": "realnvp", "hidden": 4}
     row = hybrid.train_hybrid(3.0, "reversible", 2, data, batch=8, lam_end=1.0, ce_warmup=0.5,
                               label_smoothing=0.1, flow_config=config)
@@ -334,9 +339,7 @@ def test_weight_averages_are_an_ema_that_differs_from_the_raw_weights(hybrid):
 
 
 def test_training_evaluates_raw_and_averaged_weights(hybrid):
-    gen = torch.Generator().manual_seed(0)
-    data = (torch.randint(0, 17, (32, 1, 8, 8), generator=gen), torch.arange(32) % 10,
-            torch.randint(0, 17, (8, 1, 8, 8), generator=gen), torch.arange(8) % 10)
+    data = _grey_digits(32)
     config = {"model": "realnvp", "hidden": 4}
     row = hybrid.train_hybrid(2.0, "reversible", 2, data, batch=8, flow_config=config,
                               ema=(0.5, 0.0), head_dropout=0.2)
@@ -433,9 +436,7 @@ def test_training_takes_the_head_options(hybrid, monkeypatch):
         return opt
 
     monkeypatch.setattr(hybrid, "make_optimizer", spy)
-    gen = torch.Generator().manual_seed(0)
-    data = (torch.randint(0, 17, (16, 1, 8, 8), generator=gen), torch.arange(16) % 10,
-            torch.randint(0, 17, (8, 1, 8, 8), generator=gen), torch.arange(8) % 10)
+    data = _grey_digits(16)
     config = {"model": "realnvp", "hidden": 4}
     plain = hybrid.train_hybrid(2.0, "reversible", 1, data, batch=8, lr=0.01, weight_decay=0.1,
                                 flow_config=config)
@@ -478,9 +479,7 @@ def test_draws_accuracy_is_that_of_the_mean_softmax_over_the_draws(hybrid):
 
 
 def test_eval_draws_adds_accuracy_draws_to_every_evaluation(hybrid):
-    gen = torch.Generator().manual_seed(0)
-    data = (torch.randint(0, 17, (16, 1, 8, 8), generator=gen), torch.arange(16) % 10,
-            torch.randint(0, 17, (8, 1, 8, 8), generator=gen), torch.arange(8) % 10)
+    data = _grey_digits(16)
     config = {"model": "realnvp", "hidden": 4}
     rows = [hybrid.train_hybrid(lam, "reversible", 1, data, batch=8, flow_config=config,
                                 ema=(0.5, 0.0), eval_draws=4) for lam in (None, 2.0)]
