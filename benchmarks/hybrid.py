@@ -609,12 +609,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault(key, []).append(row)
     out = []
     for (objective, lam, memory, augment, w), group in groups.items():
-        draws = [r["targets_by_evaluation"][r["ema"]] for r in group
-                 if "acc_draws_minus_revnet" in r["targets_by_evaluation"][r["ema"]]]
-        extra = {"accuracy_draws": spread([d["acc_draws_minus_revnet"] + REVNET_DIGITS_ACC
-                                           for d in draws], 2),
-                 "meets_targets_draws": [d["meets_targets_draws"] for d in draws]
-                 } if draws else {}
+        drawn = [r for r in group if "accuracy_draws" in r["evaluations"][r["ema"]]]
+        extra = {"accuracy_draws": spread([r["evaluations"][r["ema"]]["accuracy_draws"]
+                                           for r in drawn], 2),
+                 "meets_targets_draws": [r["targets_by_evaluation"][r["ema"]]
+                                         ["meets_targets_draws"] for r in drawn]
+                 } if drawn else {}
         out.append({"objective": objective, "lam": lam, "memory": memory, "augment": augment,
                     "weight_decay": w, "seeds": [r["seed"] for r in group],
                     "accuracy": spread([r["test_accuracy"] for r in group], 2),

@@ -253,10 +253,11 @@ class TransformerMLP(nn.Module):
             return False
         if self.training and self.drop.p > 0:
             return False
+        tensors = (x, self.norm.weight, self.norm.bias, self.fc1.weight, self.fc1.bias,
+                   self.fc2.weight, self.fc2.bias)
         if torch.is_autocast_enabled(x.device.type) and any(  # autocast: float32 weights and
                 t is not None and t.dtype != torch.float32  # stream only (the casts it repeats)
-                for t in (x, self.norm.weight, self.norm.bias, self.fc1.weight, self.fc1.bias,
-                          self.fc2.weight, self.fc2.bias)):
+                for t in tensors):
             return False
         if torch._C._are_functorch_transforms_active() or type(self.act) is not nn.GELU:
             return False
@@ -265,8 +266,7 @@ class TransformerMLP(nn.Module):
             return False
         if self.norm.weight is None or self.norm.normalized_shape != (x.shape[-1],):
             return False
-        return all(_plain_tensor(t) for t in (x, self.norm.weight, self.norm.bias, self.fc1.weight,
-                                               self.fc1.bias, self.fc2.weight, self.fc2.bias))
+        return all(_plain_tensor(t) for t in tensors)
 
 
 class ReversibleTransformerBlock(Coupling):
