@@ -304,7 +304,7 @@ def test_predict_writes_the_predictions_into_its_run_folder(capsys, in_tmp):
     model = Classifier.load_from_checkpoint(ckpt, weights_only=True).eval()
     data = DigitsDataModule()
     data.setup("predict")
-    x = torch.stack([data.test_set[i][0] for i in range(360)])
+    x = data.test_set.tensors[0]  # the 360 test digits, in order
     with torch.no_grad():
         assert torch.allclose(model(x).softmax(-1), probs, atol=1e-6)
     with pytest.raises(SystemExit) as exit_:
