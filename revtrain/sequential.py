@@ -54,8 +54,8 @@ class ReversibleSequential(InvertibleModule):
     In reversible mode a call keeps only its output and its context (plus, for layers that drew
     random numbers, their generator states). The autograd graph is the ordinary one, so hooks,
     ``torch.func.functional_call``, DDP and FSDP behave as in stored mode. Under
-    ``torch.no_grad``, when nothing needs a gradient, under ``torch.func`` transforms, tracing and
-    export, every mode is a plain forward. The caller's tensors are never freed or modified.
+    ``torch.no_grad``, when nothing needs a gradient, under ``torch.func`` transforms, tracing,
+    export and ``disable_saved_tensors_hooks``, every mode is a plain forward. The caller's tensors are never freed or modified.
     """
 
     _log_det_through_call = True  # forward() honours the engine's request for (y, log_det)
@@ -248,9 +248,12 @@ def _check_call(x, context) -> None:
 
 
 def _plain_only(x: Tensor, context) -> bool:
-    """Tracing, export and ``torch.func`` transforms see a plain forward (saved-tensor hooks and
-    data-dependent checks do not compose with them)."""
+    """Tracing, export, ``torch.func`` transforms and code under
+    ``torch.autograd.graph.disable_saved_tensors_hooks`` see a plain forward (saved-tensor hooks
+    and data-dependent checks do not compose with them)."""
     if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return True
+    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
         return True
     functorch = getattr(torch._C, "_functorch", None)
     return functorch is not None and functorch.peek_interpreter_stack() is not None

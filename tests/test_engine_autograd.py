@@ -520,6 +520,23 @@ def test_torch_func_grad_and_vmap_run_a_plain_forward():
     close(batched, reference(x), "vmap")
 
 
+@pytest.mark.parametrize("memory", ("reversible", "checkpoint"))
+def test_disabled_saved_tensor_hooks_run_a_plain_forward(memory):
+    # the stored twin works there; the engine's hooks (and checkpoint's) would raise the caller's
+    # message. Forward under the disabling context, backward after it, as a caller would.
+    torch.manual_seed(0)
+    model = stack(2, "affine", c=4, memory=memory).double()
+    reference = twin(model, "stored")
+    grads = {}
+    for name, m in (("got", model), ("want", reference)):
+        x = x_of(3, 4, 3, 3).requires_grad_()
+        with torch.autograd.graph.disable_saved_tensors_hooks("no saved-tensor hooks here"):
+            y = m(x)
+        y.square().sum().backward()
+        grads[name] = [x.grad, *(p.grad for p in m.parameters())]
+    all_close(grads["got"], grads["want"], "hooks disabled")
+
+
 def test_context_tensors_with_a_wrong_batch_size_are_refused():
     model = stack(2, "additive")
     with pytest.raises(ValueError, match="batch size"):
