@@ -55,7 +55,8 @@ class ReversibleSequential(InvertibleModule):
     random numbers, their generator states). The autograd graph is the ordinary one, so hooks,
     ``torch.func.functional_call``, DDP and FSDP behave as in stored mode. Under
     ``torch.no_grad``, when nothing needs a gradient, under ``torch.func`` transforms, tracing,
-    export and ``disable_saved_tensors_hooks``, every mode is a plain forward. The caller's tensors are never freed or modified.
+    export and ``disable_saved_tensors_hooks``, every mode is a plain forward. The caller's
+    tensors are never freed or modified.
     """
 
     _log_det_through_call = True  # forward() honours the engine's request for (y, log_det)
