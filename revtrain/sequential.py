@@ -254,7 +254,8 @@ def _plain_only(x: Tensor, context) -> bool:
     and data-dependent checks do not compose with them)."""
     if torch.jit.is_tracing() or torch.compiler.is_exporting():
         return True
-    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+    hooks_enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+    if hooks_enabled is not None and not hooks_enabled():
         return True
     functorch = getattr(torch._C, "_functorch", None)
     return functorch is not None and functorch.peek_interpreter_stack() is not None
